@@ -4,10 +4,7 @@ Everything that can fail fast (body, model, messages) is checked before the firs
 HTTP status is real; after that a stream reports failures as an SSE error event.
 """
 
-from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,16 +21,19 @@ from actors.log_setup import bind_request, configure_logging
 from actors.pipeline import AllThreadsFailed, DeepThinkingRun
 from actors.protocol import (
     APIError,
-    ChatCompletionRequest,
-    chunk_body,
     completion_body,
     parse_request,
     sse,
     to_conversation,
     usage_body,
-    usage_by_role,
 )
-from actors.reasoning import reasoning_text
+from actors.replies import (
+    Reply,
+    extension,
+    log_request_complete,
+    upstream_failed,
+    with_keepalives,
+)
 from actors.schemas import FusionDelta, FusionJob, StepEvent, ThreadJob
 
 log = structlog.get_logger(__name__)
@@ -53,6 +53,15 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     error = APIError(exc.status_code, str(exc.detail), code=code)
     return JSONResponse(error.body(), status_code=exc.status_code)
+
+
+def _request_id() -> str:
+    try:  # Serve's id: the incoming X-Request-ID if the client sent one; returned as a header
+        request_id = serve.context._get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 - outside a Serve request
+        request_id = ""
+    return request_id or uuid.uuid4().hex
+
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=1000)
@@ -97,7 +106,7 @@ class Ingress:
             self._run_thread,
             self._fuse,
         )
-        reply = _Reply(request_id, chat, self.config)
+        reply = Reply(request_id, chat, self.config)
         if chat.stream:
             return StreamingResponse(
                 self._stream(run, reply), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -116,7 +125,7 @@ class Ingress:
 
     # --- replies --------------------------------------------------------------------------------
 
-    async def _complete(self, run: DeepThinkingRun, reply: "_Reply") -> JSONResponse:
+    async def _complete(self, run: DeepThinkingRun, reply: Reply) -> JSONResponse:
         outcome = "cancelled"
         try:
             async for event in run.events():
@@ -124,9 +133,9 @@ class Ingress:
             outcome = "ok"
         except AllThreadsFailed as exc:
             outcome = "failed"
-            raise _upstream_failed(exc) from exc
+            raise upstream_failed(exc) from exc
         finally:
-            _log_complete(run, reply, outcome)
+            log_request_complete(run, reply, outcome)
         return JSONResponse(
             completion_body(
                 id=reply.id,
@@ -135,15 +144,15 @@ class Ingress:
                 content="".join(reply.content),
                 reasoning="".join(reply.reasoning) if reply.show_reasoning else None,
                 usage=run.stats.usage,
-                extension=_extension(run),
+                extension=extension(run),
             )
         )
 
-    async def _stream(self, run: DeepThinkingRun, reply: "_Reply") -> AsyncIterator[str]:
+    async def _stream(self, run: DeepThinkingRun, reply: Reply) -> AsyncIterator[str]:
         outcome = "cancelled"
         yield sse(reply.chunk({"role": "assistant", "content": ""}))
         try:
-            async for event in _with_keepalives(run.events(), KEEPALIVE_S):
+            async for event in with_keepalives(run.events(), KEEPALIVE_S):
                 if event is None:
                     yield ": keepalive\n\n"
                     continue
@@ -161,132 +170,19 @@ class Ingress:
                         "model": reply.model,
                         "choices": [],
                         "usage": usage_body(run.stats.usage),
-                        "token_killer": _extension(run),
+                        "token_killer": extension(run),
                     }
                 )
             outcome = "ok"
         except AllThreadsFailed as exc:
             outcome = "failed"
-            yield sse(_upstream_failed(exc).body())
+            yield sse(upstream_failed(exc).body())
         except Exception as exc:  # noqa: BLE001 - the status is sent; report in-band
             outcome = "failed"
             log.exception("stream_failed")
             yield sse(APIError(502, f"The request failed while streaming: {exc}", type="upstream_error").body())
         finally:
-            _log_complete(run, reply, outcome)
+            log_request_complete(run, reply, outcome)
         yield sse("[DONE]")
 
 
-class _Reply:
-    """Accumulates one response: the answer, the reasoning, and the chunk envelope."""
-
-    def __init__(self, request_id: str, chat: ChatCompletionRequest, config: ServiceConfig) -> None:
-        self.id = f"chatcmpl-{request_id}"
-        self.created = int(time.time())
-        self.model = config.served_model_name
-        self.include_usage = chat.include_usage
-        self.show_reasoning = config.show_reasoning if chat.include_reasoning is None else chat.include_reasoning
-        self.started = time.monotonic()
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-
-    def add(self, event: StepEvent | FusionDelta) -> str:
-        """Record an event; return the text a client should see now (may be empty)."""
-        if isinstance(event, FusionDelta):
-            self.content.append(event.text)
-            return event.text
-        if not self.show_reasoning:
-            return ""
-        text = reasoning_text(event)
-        self.reasoning.append(text)
-        return text
-
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return chunk_body(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            delta=delta,
-            finish_reason=finish_reason,
-            include_usage=self.include_usage,
-        )
-
-
-async def _with_keepalives(events: AsyncIterator, interval: float) -> AsyncIterator:
-    """Yield the events, and None whenever `interval` passes without one."""
-    iterator = events.__aiter__()
-    pending: asyncio.Future | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
-            finally:
-                pending = None if done else pending
-            yield event
-    finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
-        await iterator.aclose()
-
-
-def _request_id() -> str:
-    try:  # Serve's id: the incoming X-Request-ID if the client sent one; returned as a header
-        request_id = serve.context._get_serve_request_context().request_id
-    except Exception:  # noqa: BLE001 - outside a Serve request
-        request_id = ""
-    return request_id or uuid.uuid4().hex
-
-
-def _upstream_failed(exc: AllThreadsFailed) -> APIError:
-    return APIError(
-        502,
-        str(exc),
-        type="upstream_error",
-        code="upstream_failed",
-        # The SDK would retry a 502 twice; this request already retried its upstream calls.
-        headers={"x-should-retry": "false"},
-    )
-
-
-def _extension(run: DeepThinkingRun) -> dict[str, Any]:
-    stats = run.stats
-    return {
-        "usage_by_role": usage_by_role(stats.usage),
-        "threads_kept": stats.threads_kept,
-        "threads_failed": [f.thread_index for f in stats.threads_failed],
-        "steps_validated": stats.steps_validated,
-        "steps_failed": stats.steps_failed,
-        "steps_revised": stats.steps_revised,
-        "fusion_fallback_thread": stats.fusion_fallback_thread,
-    }
-
-
-def _log_complete(run: DeepThinkingRun, reply: _Reply, outcome: str) -> None:
-    stats = run.stats
-    log.info(
-        "request_complete",
-        request_id=run.request_id,
-        outcome=outcome,
-        stream=reply.include_usage or None,
-        elapsed_s=round(time.monotonic() - reply.started, 3),
-        thinking_s=round(stats.thinking_s, 3),
-        fusion_s=round(stats.fusion_s, 3),
-        upstream_calls=stats.usage.calls,
-        prompt_tokens=stats.usage.prompt_tokens,
-        completion_tokens=stats.usage.completion_tokens,
-        by_role=usage_by_role(stats.usage),
-        threads_kept=stats.threads_kept,
-        threads_failed=len(stats.threads_failed),
-        steps_validated=stats.steps_validated,
-        steps_failed=stats.steps_failed,
-        steps_revised=stats.steps_revised,
-    )

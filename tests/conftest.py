@@ -1,0 +1,76 @@
+"""Fixtures: the simulated upstream, and one real Ray Serve instance per test session.
+
+Ray starts only when a test asks for `service` (unit tests never do), once per session, on a
+free port; everything started here is shut down at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.simulated_upstream import SimulatedUpstream
+from tests.support import role_aware_reply, sim_config_dict, write_config
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+SIM_LATENCY_S = 0.02
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[SimulatedUpstream]:
+    server = SimulatedUpstream.start_in_thread(default_reply=role_aware_reply, latency=SIM_LATENCY_S)
+    yield server
+    server.stop_in_thread()
+
+
+@pytest.fixture
+def sim(upstream_server: SimulatedUpstream) -> Iterator[SimulatedUpstream]:
+    """The shared simulated upstream, clean for this test and restored after it."""
+    upstream_server.reset()
+    upstream_server.latency = SIM_LATENCY_S
+    upstream_server.token_interval = 0.0
+    upstream_server.fault_rates = {}
+    upstream_server.default_reply = role_aware_reply
+    yield upstream_server
+    upstream_server.reset()
+    upstream_server.latency = SIM_LATENCY_S
+    upstream_server.token_interval = 0.0
+    upstream_server.fault_rates = {}
+
+
+@pytest.fixture(scope="session")
+def serve_http() -> Iterator[str]:
+    """A Ray cluster and Serve HTTP proxy for the whole session; returns the base URL."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, namespace="token-killer-tests")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def service(serve_http: str, upstream_server: SimulatedUpstream, tmp_path_factory) -> str:
+    """The real Token Killer app, built from a config file pointed at the simulated upstream."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    path = write_config(
+        tmp_path_factory.mktemp("config") / "service.yaml", sim_config_dict(upstream_server.base_url)
+    )
+    serve.run(build_app({"config": str(path)}), name="token-killer", route_prefix="/")
+    return serve_http

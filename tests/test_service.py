@@ -1,0 +1,198 @@
+"""The real Ray Serve app, called with the official `openai` client, upstream simulated."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from tests.simulated_upstream import Rule, SimulatedUpstream
+from tests.support import role_aware_reply
+
+pytestmark = pytest.mark.serve
+
+MODEL = "token-killer"
+QUESTION = [{"role": "user", "content": "What is six times seven?"}]
+
+
+@pytest.fixture
+def client(service: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def assert_usage_matches(usage, sim: SimulatedUpstream) -> None:
+    prompt, completion = sim.served_usage()
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt, completion)
+    assert usage.total_tokens == prompt + completion
+
+
+def test_non_stream_answer_goes_through_the_whole_pipeline(client, sim):
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION)
+
+    assert reply.choices[0].message.content == "The fused final answer is 42."
+    assert reply.choices[0].finish_reason == "stop"
+    models_called = {r.model for r in sim.records}
+    assert models_called == {"sim-thinker", "sim-counterexample", "sim-voter", "sim-fuser"}
+    extension = reply.model_extra["token_killer"]
+    assert extension["threads_kept"] == 3
+    assert extension["steps_validated"] == 6  # 3 threads x 2 steps
+    assert extension["steps_failed"] == 0
+    # 3 threads x 2 steps x (1 thinker + 3 counterexamples + 3 voters) + 1 fusion
+    assert len(sim.records) == 43
+    assert_usage_matches(reply.usage, sim)
+    reasoning = reply.choices[0].message.model_extra["reasoning_content"]
+    assert "[thread 3 · step 2 · passed]" in reasoning
+
+
+def test_stream_has_the_openai_shape_and_exact_usage(client, sim):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:] if c.choices)
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    finishes = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1 and finishes[0].choices[0].finish_reason == "stop"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "The fused final answer is 42."
+    reasoning_chunks = [
+        c for c in chunks if c.choices and (c.choices[0].delta.model_extra or {}).get("reasoning_content")
+    ]
+    assert len(reasoning_chunks) == 6
+    assert all(not c.choices[0].delta.content for c in reasoning_chunks)
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    assert_usage_matches(last.usage, sim)
+
+
+def test_the_whole_conversation_reaches_threads_and_fuser(client, sim):
+    client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "Always answer like a pirate."},
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Nice to meet you, Ada."},
+            {"role": "user", "content": [{"type": "text", "text": "What is my name?"}]},
+        ],
+    )
+
+    for model in ("sim-thinker", "sim-fuser"):
+        calls = [r for r in sim.records if r.model == model]
+        assert calls
+        for call in calls:
+            text = json.dumps(call.messages)
+            assert "like a pirate" in text
+            assert "My name is Ada." in text and "Nice to meet you, Ada." in text
+            assert "What is my name?" in text
+
+
+def test_failed_validation_revises_the_step_with_the_counterexamples(client, sim):
+    sim.default_reply = lambda req: (
+        "The step is wrong: 6*7 is not 41."
+        if req["model"] == "sim-counterexample"
+        else role_aware_reply(req)
+    )
+    # The first three votes (one step's voters) reject it; every later vote passes.
+    sim.add_rule(Rule(model="sim-voter", reply="VOTE: COUNTEREXAMPLE", times=3))
+
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION)
+
+    extension = reply.model_extra["token_killer"]
+    assert extension["steps_failed"] == 1
+    assert extension["steps_revised"] == 1
+    revisions = [
+        r for r in sim.records if r.model == "sim-thinker" and "was challenged" in json.dumps(r.messages)
+    ]
+    assert len(revisions) == 1
+    assert "6*7 is not 41" in json.dumps(revisions[0].messages)
+    reasoning = reply.choices[0].message.model_extra["reasoning_content"]
+    assert "failed validation, revising" in reasoning and "revised, passed" in reasoning
+    assert_usage_matches(reply.usage, sim)
+
+
+def test_a_failed_thread_is_dropped_and_the_others_answer(client, sim):
+    # A 400 is not retried: the first thinker call fails for good, so its thread fails.
+    sim.add_rule(Rule(model="sim-thinker", fault="400", times=1))
+
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION)
+
+    extension = reply.model_extra["token_killer"]
+    assert extension["threads_kept"] == 2
+    assert len(extension["threads_failed"]) == 1
+    assert reply.choices[0].message.content == "The fused final answer is 42."
+    assert_usage_matches(reply.usage, sim)
+    assert sum(1 for r in sim.records if r.status == 400) == 1  # never retried
+
+
+def test_every_thread_failing_is_a_502_naming_the_cause(client, sim):
+    sim.add_rule(Rule(model="sim-thinker", fault="400"))
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=MODEL, messages=QUESTION)
+
+    assert caught.value.status_code == 502
+    assert "HTTP 400" in caught.value.message
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+def test_fusion_failure_falls_back_to_the_best_thread(client, sim):
+    sim.add_rule(Rule(model="sim-fuser", fault="400"))
+
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION)
+
+    assert reply.choices[0].message.content == "We reason about the problem carefully."
+    assert reply.model_extra["token_killer"]["fusion_fallback_thread"] is not None
+
+
+def test_models_and_health(client, service):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    with urllib.request.urlopen(f"{service}/health") as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+
+
+def _post(service: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"{service}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        (b"{not json", 400, None, None),
+        (b"[1, 2]", 400, None, None),
+        (json.dumps({"model": MODEL}).encode(), 400, "messages", None),
+        (json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages", None),
+        (
+            json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).encode(),
+            400,
+            "messages[0].role",
+            None,
+        ),
+        (json.dumps({"model": "gpt-5", "messages": QUESTION}).encode(), 404, "model", "model_not_found"),
+    ],
+    ids=["invalid-json", "not-an-object", "no-messages", "empty-messages", "unknown-role", "unknown-model"],
+)
+def test_bad_requests_get_openai_shaped_errors_and_the_service_keeps_serving(
+    service, client, sim, body, status, param, code
+):
+    got_status, got = _post(service, body)
+
+    assert got_status == status
+    assert set(got["error"]) == {"message", "type", "param", "code"}
+    assert got["error"]["message"]
+    assert got["error"]["param"] == param
+    assert got["error"]["code"] == code
+    assert not sim.records  # nothing reached an upstream
+    assert client.chat.completions.create(model=MODEL, messages=QUESTION).choices[0].message.content
