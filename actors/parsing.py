@@ -45,7 +45,7 @@ _COUNTER_WORDS = (
     r"counter[\s_-]*examples?|counter|refuted|invalid|incorrect|wrong|fail(?:s|ed)?|反例|错误|驳倒"
 )
 _VOTE = re.compile(
-    rf"(?:vote|verdict|投票|结论)\s*[:：=\-—]?\s*[\"'“”*【\[]*\s*"
+    rf"(?:vote|verdict|投票|结论)\**\s*[:：=\-—]?\s*[\"'“”*【\[]*\s*"
     rf"(?:(?P<counter>{_COUNTER_WORDS})|(?P<step>{_STEP_WORDS}))",
     re.IGNORECASE,
 )

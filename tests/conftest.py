@@ -74,3 +74,21 @@ def service(serve_http: str, upstream_server: SimulatedUpstream, tmp_path_factor
     )
     serve.run(build_app({"config": str(path)}), name="token-killer", route_prefix="/")
     return serve_http
+
+
+@pytest.fixture
+async def upstream() -> SimulatedUpstream:
+    """A fresh simulated upstream on this test's event loop (for role tests without Ray)."""
+    server = await SimulatedUpstream(default_reply=role_aware_reply).start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def http_session():
+    from actors.config import UpstreamConfig
+    from actors.model_client import open_session
+
+    session = open_session(UpstreamConfig())
+    yield session
+    await session.close()
