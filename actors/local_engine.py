@@ -93,6 +93,7 @@ class LocalEngine:
         n_threads: int = 2,
         *,
         model_name: str = LOCAL_MODEL_NAME,
+        max_connections: int = 64,
         verbosity: int = 1,
     ) -> None:
         """Configure (but do not start) the engine.
@@ -109,6 +110,13 @@ class LocalEngine:
             n_threads: CPU threads for decoding and prompt processing. The
                 machine has 2 cores; more threads than cores only thrashes.
             model_name: alias reported in responses and ``/v1/models``.
+            max_connections: concurrent HTTP connections the server can serve
+                without queueing. llama.cpp's HTTP server has a fixed pool of
+                worker threads and each open connection (a running stream, or
+                an idle keep-alive) pins one; further connections wait, and so
+                would a ``/health`` probe. The pool gets ``max_connections + 4``
+                threads (idle threads cost nothing); clients should cap their
+                connection pool at ``max_connections``.
             verbosity: llama.cpp log threshold. 1 = errors only; 3 (its
                 default) logs several lines per request, and 2 adds a warning
                 for every repeated prompt.
@@ -122,6 +130,7 @@ class LocalEngine:
         self.n_ctx = n_ctx if n_ctx is not None else CTX_PER_SLOT * n_parallel
         self.n_threads = n_threads
         self.model_name = model_name
+        self.max_connections = max_connections
         self.verbosity = verbosity
         self._server = None  # xllamacpp.Server while running
         self._server_url: str | None = None
@@ -149,11 +158,10 @@ class LocalEngine:
             # Same thread count for decoding and prompt batches.
             params.cpuparams.n_threads = self.n_threads
             params.cpuparams_batch.n_threads = self.n_threads
-            # HTTP worker threads: each open connection (including an idle
-            # keep-alive one) holds one. The default, max(n_parallel + 2,
-            # cores - 1), is too small for a client pool with many concurrent
-            # requests, so allow 4 connections per slot.
-            params.n_threads_http = max(16, 4 * self.n_parallel)
+            # HTTP worker threads (llama.cpp default: n_parallel + 2). Requests
+            # beyond n_parallel still need a thread to wait in llama.cpp's
+            # queue; 4 spare threads keep /health answerable under full load.
+            params.n_threads_http = self.max_connections + 4
             params.hostnames = ["127.0.0.1"]  # never reachable from outside
             params.port = 0  # any free port; see listening_address
             params.ui = False  # no web UI, only the API

