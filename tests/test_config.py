@@ -14,11 +14,18 @@ from tests.support import sim_config_dict, write_config
 URL = "http://127.0.0.1:9/v1"
 
 
-def test_the_shipped_configs_are_valid():
+def test_the_shipped_configs_are_valid_and_the_built_in_defaults_are_the_documented_ones():
     config = load_config(DEFAULT_CONFIG_PATH)
-    assert config.thinking.num_threads == 3
-    assert config.validation.on_fail == "revise"
     assert config.context.strategy == "smart" and config.fusion.strategy == "intelligent"
+    assert ThinkingConfig().num_threads == 3
+    assert ValidationConfig().model_dump() == {
+        "enabled": True,
+        "num_counterexamples": 3,
+        "num_voters": 3,
+        "pass_threshold": 2,
+        "on_fail": "revise",
+    }
+    assert ContextConfig().preserve_recent_steps == 2
     assert load_prompts("en").thinker_system and "【完成】" in load_prompts("zh").thinker_system
 
 
