@@ -5,6 +5,9 @@ import pytest
 from actors.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
+    ContextConfig,
+    ThinkingConfig,
+    ValidationConfig,
     load_config,
     resolve_config_path,
 )
