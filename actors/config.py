@@ -24,6 +24,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.yaml"
 CONFIG_ENV_VAR = "TOKEN_KILLER_CONFIG"
+# Comma-separated keys clients must send as `Authorization: Bearer ...`; unset = open service.
+SERVICE_KEYS_ENV_VAR = "TOKEN_KILLER_API_KEYS"
 
 Role = Literal["thinker", "counterexample", "voter", "summarizer", "fuser"]
 ROLES: tuple[Role, ...] = ("thinker", "counterexample", "voter", "summarizer", "fuser")
@@ -49,6 +51,8 @@ class ModelConfig(_Strict):
     timeout_s: float = Field(60.0, gt=0)
     # Resolved from `api_key_env` at load time; never serialised into logs (SecretStr).
     api_key: SecretStr | None = None
+    # Tried in order when this model keeps failing (after its retries).
+    fallbacks: tuple["ModelConfig", ...] = ()
 
 
 class ThinkingConfig(_Strict):
@@ -89,6 +93,21 @@ class UpstreamConfig(_Strict):
     max_connections: int = Field(0, ge=0)
 
 
+class LimitsConfig(_Strict):
+    """What one request may ask for, and how much the service takes on at once."""
+
+    max_body_bytes: int = Field(1_048_576, gt=0)
+    max_messages: int = Field(256, gt=0)
+    max_total_chars: int = Field(200_000, gt=0)
+    # Requests one ingress replica runs at once; beyond it: 503 + Retry-After, immediately.
+    max_in_flight: int = Field(1000, gt=0)
+    retry_after_s: int = Field(1, ge=0)
+    # Whole-request budget; near it no new step starts and what exists is fused.
+    deadline_s: float = Field(600.0, gt=0)
+    # Time kept for fusion before the deadline.
+    fusion_reserve_s: float = Field(20.0, ge=0)
+
+
 class ServiceConfig(_Strict):
     served_model_name: str = "token-killer"
     prompts: str = "en"
@@ -99,6 +118,9 @@ class ServiceConfig(_Strict):
     context: ContextConfig = ContextConfig()
     fusion: FusionConfig = FusionConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    limits: LimitsConfig = LimitsConfig()
+    # From the environment only (TOKEN_KILLER_API_KEYS), never from the YAML file.
+    service_api_keys: tuple[SecretStr, ...] = Field((), exclude=True)
 
     @model_validator(mode="after")
     def _every_role_has_a_model(self) -> "ServiceConfig":
@@ -136,6 +158,8 @@ def load_config(path: str | Path | None = None, env_file: str | Path | None = No
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if "service_api_keys" in raw:
+        raise ConfigError(f"invalid config {path}: service_api_keys: set {SERVICE_KEYS_ENV_VAR} in the environment")
     try:
         config = ServiceConfig.model_validate(raw)
     except ValidationError as exc:
@@ -156,19 +180,22 @@ def _env_values(env_file: str | Path | None) -> dict[str, str]:
 
 
 def _with_api_keys(config: ServiceConfig, env: dict[str, str], path: Path) -> ServiceConfig:
-    models = {}
-    for role, model in config.models.items():
-        if model.api_key_env is None:
-            models[role] = model
-            continue
-        key = env.get(model.api_key_env) or env.get(model.api_key_env.upper())
-        if not key:
-            raise ConfigError(
-                f"invalid config {path}: models.{role}.api_key_env names "
-                f"{model.api_key_env}, which is not set in the environment or .env"
-            )
-        models[role] = model.model_copy(update={"api_key": SecretStr(key)})
-    return config.model_copy(update={"models": models})
+    def resolve(model: ModelConfig, where: str) -> ModelConfig:
+        fallbacks = tuple(resolve(f, f"{where}.fallbacks.{i}") for i, f in enumerate(model.fallbacks))
+        update: dict = {"fallbacks": fallbacks}
+        if model.api_key_env is not None:
+            key = env.get(model.api_key_env) or env.get(model.api_key_env.upper())
+            if not key:
+                raise ConfigError(
+                    f"invalid config {path}: {where}.api_key_env names "
+                    f"{model.api_key_env}, which is not set in the environment or .env"
+                )
+            update["api_key"] = SecretStr(key)
+        return model.model_copy(update=update)
+
+    models = {role: resolve(model, f"models.{role}") for role, model in config.models.items()}
+    keys = [SecretStr(k.strip()) for k in env.get(SERVICE_KEYS_ENV_VAR, "").split(",") if k.strip()]
+    return config.model_copy(update={"models": models, "service_api_keys": tuple(keys)})
 
 
 def _describe(exc: ValidationError) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -31,6 +33,7 @@ from actors.schemas import UsageLedger
 log = structlog.get_logger(__name__)
 
 REQUEST_TAG_HEADER = "X-Request-Tag"
+CALL_ID_HEADER = "X-Call-Id"
 
 
 class UpstreamError(Exception):
@@ -86,8 +89,22 @@ def role_clients(session: aiohttp.ClientSession, config: ServiceConfig) -> dict[
     return {role: ModelClient(session, role, model, config.upstream) for role, model in config.models.items()}
 
 
+@dataclass(frozen=True)
+class _Endpoint:
+    model: ModelConfig
+    url: str
+    headers: dict[str, str]
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> "_Endpoint":
+        headers = {"Content-Type": "application/json"}
+        if model.api_key is not None:
+            headers["Authorization"] = f"Bearer {model.api_key.get_secret_value()}"
+        return cls(model, model.base_url.rstrip("/") + "/chat/completions", headers)
+
+
 class ModelClient:
-    """Calls one configured model for one role."""
+    """Calls one configured model for one role, then its fallbacks in order if it keeps failing."""
 
     def __init__(
         self,
@@ -100,10 +117,7 @@ class ModelClient:
         self.role = role
         self.model = model
         self.upstream = upstream
-        self.url = model.base_url.rstrip("/") + "/chat/completions"
-        self.headers = {"Content-Type": "application/json"}
-        if model.api_key is not None:
-            self.headers["Authorization"] = f"Bearer {model.api_key.get_secret_value()}"
+        self.endpoints = [_Endpoint.of(m) for m in (model, *model.fallbacks)]
         self._backoff = wait_exponential(
             multiplier=upstream.backoff_initial_s, max=upstream.backoff_max_s
         )
@@ -112,10 +126,9 @@ class ModelClient:
         self, messages: list[dict[str, str]], usage: UsageLedger, *, tag: str = "", max_tokens: int | None = None
     ) -> str:
         """One chat completion; returns the text and records the reported usage."""
-        payload = self._payload(messages, stream=False, max_tokens=max_tokens)
         started = time.monotonic()
         try:
-            body = await self._retrying(self._post_json, payload, tag)
+            body = await self._call(self._post_json, messages, False, tag, max_tokens)
         except BaseException:
             usage.record_failure(self.role, time.monotonic() - started)
             raise
@@ -128,15 +141,13 @@ class ModelClient:
     ) -> AsyncIterator[str]:
         """Stream the answer's text deltas as they arrive; usage is recorded at the end.
 
-        Opening the stream is retried; once text has been relayed a failure is final, since
-        a retry would repeat tokens the caller has already passed on.
+        Opening the stream is retried (and falls back); once text has been relayed a failure is
+        final, since a retry would repeat tokens the caller has already passed on.
         """
-        payload = self._payload(messages, stream=True)
-        payload["stream_options"] = {"include_usage": True}
         started = time.monotonic()
         prompt_tokens = completion_tokens = 0
         try:
-            response = await self._retrying(self._open_stream, payload, tag)
+            response = await self._call(self._open_stream, messages, True, tag, None)
             async with response:
                 async for data in _sse_data(response):
                     try:
@@ -160,16 +171,35 @@ class ModelClient:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _payload(self, messages: list[dict[str, str]], *, stream: bool, max_tokens: int | None = None) -> dict[str, Any]:
-        return {
-            "model": self.model.model,
-            "messages": messages,
-            "temperature": self.model.temperature,
-            "max_tokens": max_tokens or self.model.max_tokens,
-            "stream": stream,
-        }
+    async def _call(self, send, messages, stream: bool, tag: str, max_tokens: int | None):
+        """Each endpoint in turn, each with its retries; the last endpoint's error is raised."""
+        # One id for every attempt of this call, so upstream logs (and tests) can tell retries.
+        headers = {REQUEST_TAG_HEADER: tag, CALL_ID_HEADER: uuid.uuid4().hex}
+        for number, endpoint in enumerate(self.endpoints):
+            payload = {
+                "model": endpoint.model.model,
+                "messages": messages,
+                "temperature": endpoint.model.temperature,
+                "max_tokens": max_tokens or endpoint.model.max_tokens,
+                "stream": stream,
+            }
+            if stream:
+                payload["stream_options"] = {"include_usage": True}
+            try:
+                return await self._retrying(send, endpoint, payload, headers)
+            except Exception as exc:
+                if number + 1 == len(self.endpoints):
+                    raise
+                log.warning(
+                    "upstream_fallback",
+                    role=self.role,
+                    failed_model=endpoint.model.model,
+                    next_model=self.endpoints[number + 1].model.model,
+                    error=_describe(exc),
+                )
+        raise AssertionError("unreachable: there is always one endpoint")
 
-    async def _retrying(self, call, payload: dict[str, Any], tag: str):
+    async def _retrying(self, send, endpoint: _Endpoint, payload: dict[str, Any], headers: dict[str, str]):
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self.upstream.max_attempts),
             wait=self._wait,
@@ -178,7 +208,7 @@ class ModelClient:
             reraise=True,
         ):
             with attempt:
-                return await call(payload, tag)
+                return await send(endpoint, payload, {**endpoint.headers, **headers})
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def _wait(self, state: RetryCallState) -> float:
@@ -197,17 +227,16 @@ class ModelClient:
             error=_describe(exc),
         )
 
-    def _timeout(self, stream: bool) -> aiohttp.ClientTimeout:
+    @staticmethod
+    def _timeout(endpoint: _Endpoint, stream: bool) -> aiohttp.ClientTimeout:
+        limit = endpoint.model.timeout_s
         if stream:  # a long answer may stream for longer than one call's budget: bound the gaps
-            return aiohttp.ClientTimeout(sock_connect=self.model.timeout_s, sock_read=self.model.timeout_s)
-        return aiohttp.ClientTimeout(total=self.model.timeout_s)
+            return aiohttp.ClientTimeout(sock_connect=limit, sock_read=limit)
+        return aiohttp.ClientTimeout(total=limit)
 
-    def _request_headers(self, tag: str) -> dict[str, str]:
-        return {**self.headers, REQUEST_TAG_HEADER: tag} if tag else self.headers
-
-    async def _post_json(self, payload: dict[str, Any], tag: str) -> Any:
+    async def _post_json(self, endpoint: _Endpoint, payload: dict[str, Any], headers: dict[str, str]) -> Any:
         async with self.session.post(
-            self.url, json=payload, headers=self._request_headers(tag), timeout=self._timeout(False)
+            endpoint.url, json=payload, headers=headers, timeout=self._timeout(endpoint, False)
         ) as response:
             await self._raise_for_status(response)
             raw = await response.read()
@@ -216,9 +245,11 @@ class ModelClient:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UpstreamError(self.role, "malformed response body (not JSON)", retryable=True) from exc
 
-    async def _open_stream(self, payload: dict[str, Any], tag: str) -> aiohttp.ClientResponse:
+    async def _open_stream(
+        self, endpoint: _Endpoint, payload: dict[str, Any], headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
         response = await self.session.post(
-            self.url, json=payload, headers=self._request_headers(tag), timeout=self._timeout(True)
+            endpoint.url, json=payload, headers=headers, timeout=self._timeout(endpoint, True)
         )
         try:
             await self._raise_for_status(response)
@@ -235,7 +266,7 @@ class ModelClient:
         retryable = status == 429 or status >= 500 or status == 408
         raise UpstreamError(
             self.role,
-            f"HTTP {status}{': ' + detail if detail else ''}",
+            f"HTTP {status}{' ' + detail if detail else ''}",
             status=status,
             retryable=retryable,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
@@ -266,15 +297,17 @@ async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
 
 
 async def _error_summary(response: aiohttp.ClientResponse) -> str:
-    """A short, safe description of an upstream error: its message field, truncated."""
+    """The error's type and code, never its message: upstream messages may quote the request,
+    even the API key ("Incorrect API key provided: sk-..."), and are not ours to pass on."""
     try:
         body = await response.json(content_type=None)
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-    except (json.JSONDecodeError, aiohttp.ClientError, UnicodeDecodeError, AttributeError):
-        message = None
-    if not isinstance(message, str):
+        error = body.get("error") if isinstance(body, dict) else None
+    except (json.JSONDecodeError, aiohttp.ClientError, UnicodeDecodeError, ValueError):
+        error = None
+    if not isinstance(error, dict):
         return ""
-    return message[:200]
+    parts = [str(error[k])[:60] for k in ("type", "code") if isinstance(error.get(k), (str, int))]
+    return "(" + ", ".join(parts) + ")" if parts else ""
 
 
 def _describe(exc: BaseException | None) -> str:

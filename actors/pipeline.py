@@ -35,7 +35,12 @@ Fuse = Callable[[FusionJob], AsyncIterator[FusionDelta]]
 
 
 class AllThreadsFailed(Exception):
-    """No thread produced a step; the message names the upstream cause."""
+    """No thread produced a step; the message names the cause, `errors` holds each thread's."""
+
+    def __init__(self, message: str, errors: list[BaseException], deadline: bool = False) -> None:
+        super().__init__(message)
+        self.errors = errors
+        self.deadline = deadline  # the deadline came before any step finished
 
 
 @dataclass
@@ -73,12 +78,15 @@ class DeepThinkingRun:
         num_threads: int,
         run_thread: RunThread,
         fuse: Fuse,
+        thinking_deadline: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.conversation = conversation
         self.num_threads = num_threads
         self.run_thread = run_thread
         self.fuse = fuse
+        # Wall-clock time (time.time()) at which thinking stops and fusion starts regardless.
+        self.thinking_deadline = thinking_deadline
         self.stats = RunStats()
 
     async def events(self) -> AsyncIterator[StepEvent | FusionDelta]:
@@ -86,18 +94,28 @@ class DeepThinkingRun:
         steps: dict[int, list] = {i: [] for i in range(self.num_threads)}
         failed: set[int] = set()
         queue: asyncio.Queue[StepEvent | _ThreadEnded] = asyncio.Queue()
+        errors: list[BaseException] = []
         pumps = [
-            asyncio.ensure_future(self._pump(ThreadJob(self.request_id, i, self.conversation), queue))
+            asyncio.ensure_future(
+                self._pump(ThreadJob(self.request_id, i, self.conversation, self.thinking_deadline), queue)
+            )
             for i in range(self.num_threads)
         ]
+        cut_short = False
         try:
             running = self.num_threads
             while running:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), self._until_deadline())
+                except asyncio.TimeoutError:
+                    cut_short = True  # threads still running are stopped; fuse what exists
+                    log.warning("thinking_deadline_reached", request_id=self.request_id, running=running)
+                    break
                 if isinstance(item, _ThreadEnded):
                     running -= 1
                     if item.error is not None:
                         failed.add(item.thread_index)
+                        errors.append(item.error)
                         self._thread_failed(item)
                     continue
                 self._count(item)
@@ -115,8 +133,10 @@ class DeepThinkingRun:
         )
         self.stats.threads_kept = len(kept)
         if not kept:
+            if cut_short:
+                raise AllThreadsFailed("the request deadline came before any reasoning step finished", errors, True)
             causes = "; ".join(f.error for f in self.stats.threads_failed) or "no steps produced"
-            raise AllThreadsFailed(f"every reasoning thread failed: {causes}")
+            raise AllThreadsFailed(f"every reasoning thread failed: {causes}", errors)
 
         started = time.monotonic()
         async for delta in self.fuse(FusionJob(self.request_id, self.conversation, kept)):
@@ -126,6 +146,11 @@ class DeepThinkingRun:
                 self.stats.fusion_fallback_thread = delta.fallback_from_thread
             yield delta
         self.stats.fusion_s = time.monotonic() - started
+
+    def _until_deadline(self) -> float | None:
+        if self.thinking_deadline is None:
+            return None
+        return max(0.0, self.thinking_deadline - time.time())
 
     async def _pump(self, job: ThreadJob, queue: asyncio.Queue) -> None:
         error: BaseException | None = None

@@ -94,6 +94,8 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     # Extension: hide or show the live reasoning for this request (overrides the config).
     include_reasoning: bool | None = None
+    # Extension: a tighter deadline for this request, in seconds (the config's is the ceiling).
+    deadline_s: float | None = Field(None, gt=0)
 
     @property
     def include_usage(self) -> bool:
@@ -118,6 +120,25 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         error = exc.errors()[0]
         param = _param_name(error["loc"])
         raise APIError(400, f"Invalid value for '{param}': {error['msg']}.", param=param) from exc
+
+
+def enforce_limits(chat: ChatCompletionRequest, max_messages: int, max_total_chars: int) -> None:
+    """Refuse requests larger than the service takes, before any upstream call is made."""
+    if len(chat.messages) > max_messages:
+        raise APIError(
+            400,
+            f"Too many messages: {len(chat.messages)}; this service takes at most {max_messages}.",
+            param="messages",
+            code="too_many_messages",
+        )
+    total = sum(len(m.text()) for m in chat.messages)
+    if total > max_total_chars:
+        raise APIError(
+            400,
+            f"The messages hold {total} characters; this service takes at most {max_total_chars}.",
+            param="messages",
+            code="context_length_exceeded",
+        )
 
 
 def _param_name(loc: tuple) -> str:

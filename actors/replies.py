@@ -80,7 +80,22 @@ async def with_keepalives(events: AsyncIterator, interval: float) -> AsyncIterat
         await iterator.aclose()
 
 
-def upstream_failed(exc: AllThreadsFailed) -> APIError:
+def request_failed(exc: AllThreadsFailed, *, capacity: bool, retry_after_s: int) -> APIError:
+    """The error for a request that produced no thread at all.
+
+    `capacity`: the threads failed because our own replicas were lost or saturated, not because
+    of the upstreams; retrying soon can help, so say so (503 + Retry-After).
+    """
+    if exc.deadline:
+        return APIError(504, str(exc), type="timeout", code="deadline_exceeded", headers={"x-should-retry": "false"})
+    if capacity:
+        return APIError(
+            503,
+            f"The service is short of capacity right now, please retry: {exc}",
+            type="service_unavailable",
+            code="overloaded",
+            headers={"Retry-After": str(retry_after_s)},
+        )
     return APIError(
         502,
         str(exc),

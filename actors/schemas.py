@@ -144,6 +144,8 @@ class ThreadJob:
     request_id: str
     thread_index: int
     conversation: Conversation
+    # Wall-clock time (time.time(), comparable across processes) after which no step starts.
+    stop_starting_at: float | None = None
 
 
 @dataclass(frozen=True)

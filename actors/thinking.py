@@ -11,6 +11,7 @@ The runner is an async generator of `StepEvent`s so callers can stream reasoning
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -85,7 +86,7 @@ class ThreadRunner:
                     step.verdict = verdict = await validation
                     usage.merge(verdict.usage)
                     if verdict.failed:
-                        if on_fail == "revise" and not step.revised:
+                        if on_fail == "revise" and not step.revised and not _past(job.stop_starting_at):
                             speculative = await _cancel(speculative)
                             yield StepEvent(job.thread_index, step, rejected=True, usage=usage.take())
                             feedback = (step, verdict)
@@ -93,6 +94,8 @@ class ThreadRunner:
                         step.flagged = True
 
                 accepted.append(step)
+                if not last and _past(job.stop_starting_at):
+                    last = True  # the request's deadline is near: fuse what exists
                 if last:
                     speculative = await _cancel(speculative)
                 yield StepEvent(job.thread_index, step, rejected=False, usage=usage.take())
@@ -133,6 +136,10 @@ class ThreadRunner:
         except Exception as exc:  # noqa: BLE001 - a validator failure must not kill the thread
             log.warning("validation_failed_step_unvalidated", error=str(exc) or type(exc).__name__)
             return Verdict(VerdictStatus.UNVALIDATED)
+
+
+def _past(moment: float | None) -> bool:
+    return moment is not None and time.time() >= moment
 
 
 async def _cancel(task: asyncio.Future | None) -> None:

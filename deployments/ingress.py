@@ -5,7 +5,9 @@ HTTP status is real; after that a stream reports failures as an SSE error event.
 """
 
 
+import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,15 +15,19 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from actors.admission import InFlightLimit, Ticket, check_bearer
 from actors.config import ServiceConfig
 from actors.log_setup import bind_request, configure_logging
 from actors.pipeline import AllThreadsFailed, DeepThinkingRun
 from actors.protocol import (
     APIError,
     completion_body,
+    enforce_limits,
     parse_request,
     sse,
     to_conversation,
@@ -31,7 +37,7 @@ from actors.replies import (
     Reply,
     extension,
     log_request_complete,
-    upstream_failed,
+    request_failed,
     with_keepalives,
 )
 from actors.schemas import FusionDelta, FusionJob, StepEvent, ThreadJob
@@ -55,6 +61,26 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(error.body(), status_code=exc.status_code)
 
 
+def _is_capacity_error(exc: BaseException) -> bool:
+    """Our own replicas failed or pushed back (not an upstream): retrying soon can help."""
+    return isinstance(exc, (RayError, BackPressureError, DeploymentUnavailableError))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    too_large = APIError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _request_id() -> str:
     try:  # Serve's id: the incoming X-Request-ID if the client sent one; returned as a header
         request_id = serve.context._get_serve_request_context().request_id
@@ -64,12 +90,13 @@ def _request_id() -> str:
 
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=1000)
+@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=1100)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: ServiceConfig, thinker: DeploymentHandle, fuser: DeploymentHandle) -> None:
         configure_logging()
         self.config = config
+        self.in_flight = InFlightLimit(config.limits.max_in_flight, config.limits.retry_after_s)
         # Streaming handles, made once: each thread and the fusion are one call each.
         self.thinker = thinker.options(stream=True)
         self.fuser = fuser.options(stream=True)
@@ -79,7 +106,8 @@ class Ingress:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> dict[str, Any]:
+        check_bearer(request.headers.get("authorization"), self.config.service_api_keys)
         return {
             "object": "list",
             "data": [
@@ -89,7 +117,9 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        chat = parse_request(await request.body())
+        limits = self.config.limits
+        check_bearer(request.headers.get("authorization"), self.config.service_api_keys)
+        chat = parse_request(await _read_body(request, limits.max_body_bytes))
         if chat.model != self.config.served_model_name:
             raise APIError(
                 404,
@@ -97,21 +127,30 @@ class Ingress:
                 param="model",
                 code="model_not_found",
             )
+        enforce_limits(chat, limits.max_messages, limits.max_total_chars)
+        conversation = to_conversation(chat)
+        ticket = self.in_flight.enter()
         request_id = _request_id()
         bind_request(request_id)
+        budget = min(chat.deadline_s or limits.deadline_s, limits.deadline_s)
         run = DeepThinkingRun(
             request_id,
-            to_conversation(chat),
+            conversation,
             self.config.thinking.num_threads,
             self._run_thread,
             self._fuse,
+            thinking_deadline=time.time() + max(0.0, budget - limits.fusion_reserve_s),
         )
         reply = Reply(request_id, chat, self.config)
-        if chat.stream:
-            return StreamingResponse(
-                self._stream(run, reply), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        return await self._complete(run, reply)
+        if not chat.stream:
+            try:
+                return await self._complete(run, reply)
+            finally:
+                ticket.release()
+        stream = self._stream(run, reply, ticket)
+        # If the client leaves before the stream starts, the generator never runs its finally.
+        weakref.finalize(stream, ticket.release)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # --- composition through handles ---------------------------------------------------------
 
@@ -133,7 +172,7 @@ class Ingress:
             outcome = "ok"
         except AllThreadsFailed as exc:
             outcome = "failed"
-            raise upstream_failed(exc) from exc
+            raise self._failure(exc) from exc
         finally:
             log_request_complete(run, reply, outcome)
         return JSONResponse(
@@ -148,10 +187,14 @@ class Ingress:
             )
         )
 
-    async def _stream(self, run: DeepThinkingRun, reply: Reply) -> AsyncIterator[str]:
+    def _failure(self, exc: AllThreadsFailed) -> APIError:
+        capacity = any(_is_capacity_error(e) for e in exc.errors)
+        return request_failed(exc, capacity=capacity, retry_after_s=self.config.limits.retry_after_s)
+
+    async def _stream(self, run: DeepThinkingRun, reply: Reply, ticket: Ticket) -> AsyncIterator[str]:
         outcome = "cancelled"
-        yield sse(reply.chunk({"role": "assistant", "content": ""}))
         try:
+            yield sse(reply.chunk({"role": "assistant", "content": ""}))
             async for event in with_keepalives(run.events(), KEEPALIVE_S):
                 if event is None:
                     yield ": keepalive\n\n"
@@ -176,12 +219,13 @@ class Ingress:
             outcome = "ok"
         except AllThreadsFailed as exc:
             outcome = "failed"
-            yield sse(upstream_failed(exc).body())
+            yield sse(self._failure(exc).body())
         except Exception as exc:  # noqa: BLE001 - the status is sent; report in-band
             outcome = "failed"
             log.exception("stream_failed")
             yield sse(APIError(502, f"The request failed while streaming: {exc}", type="upstream_error").body())
         finally:
+            ticket.release()
             log_request_complete(run, reply, outcome)
         yield sse("[DONE]")
 

@@ -12,7 +12,8 @@ from actors.schemas import ValidationJob, Verdict
 from actors.validation import StepValidator
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=500)
+# Two replicas by default, so losing one never takes every thread of a request with it.
+@serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=500)
 class Validator:
     async def __init__(self, config: ServiceConfig) -> None:
         configure_logging()

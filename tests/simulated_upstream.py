@@ -27,11 +27,12 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-FAULTS = ("500", "502", "503", "429", "400", "hang", "malformed", "drop")
+FAULTS = ("500", "502", "503", "429", "400", "401", "hang", "malformed", "drop")
 
 # OpenAI-shaped error bodies: (type, code) per status.
 _ERRORS = {
     400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", "internal_error"),
     502: ("server_error", "bad_gateway"),
@@ -106,6 +107,7 @@ class CallRecord:
     role: str | None  # `contains` of the matched rule; None for default reply / random fault
     stream: bool
     tag: str | None  # X-Request-Tag request header
+    call_id: str | None  # X-Call-Id request header: the same on every attempt of one call
     started: float  # time.monotonic()
     finished: float | None = None
     status: int | str | None = None  # HTTP status, or "drop" / "hang"
@@ -287,6 +289,7 @@ class SimulatedUpstream:
             role=rule.contains if rule else None,
             stream=bool(req.get("stream")),
             tag=request.headers.get("X-Request-Tag"),
+            call_id=request.headers.get("X-Call-Id"),
             started=time.monotonic(),
             fault=fault,
             prompt_tokens=count_words(text),
@@ -354,7 +357,10 @@ class SimulatedUpstream:
         status = int(fault)
         record.status = status
         err_type, code = _ERRORS[status]
-        payload = {"error": {"message": f"Simulated {status} error", "type": err_type, "param": None, "code": code}}
+        message = f"Simulated {status} error"
+        if status == 401:  # like some real providers: the error repeats the key it was sent
+            message = f"Incorrect API key provided: {request.headers.get('Authorization', '')}"
+        payload = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
         headers = {}
         if status == 429:
             retry_after = rule.retry_after if rule and rule.retry_after is not None else self.retry_after_s
