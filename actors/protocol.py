@@ -49,14 +49,19 @@ class APIError(Exception):
 # --- request ---------------------------------------------------------------------------------
 
 
+# strict: JSON types as OpenAI checks them ("yes" is not a boolean, "0.5" not a number);
+# extra="allow": unknown fields are ignored, as OpenAI clients expect.
+_WIRE = ConfigDict(extra="allow", strict=True)
+
+
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _WIRE
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _WIRE
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -70,13 +75,12 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _WIRE
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    # Unknown fields are ignored, as OpenAI clients expect; known ones are type-checked.
-    model_config = ConfigDict(extra="allow")
+    model_config = _WIRE
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -117,7 +121,10 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        # Of a union's alternatives, the deepest error is the one that says what is wrong
+        # ("messages[0].content[0].type: Input should be 'text'", not "should be a string").
+        errors = exc.errors()
+        error = max(errors, key=lambda e: len(e["loc"]))
         param = _param_name(error["loc"])
         raise APIError(400, f"Invalid value for '{param}': {error['msg']}.", param=param) from exc
 

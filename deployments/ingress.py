@@ -5,6 +5,7 @@ HTTP status is real; after that a stream reports failures as an SSE error event.
 """
 
 
+import asyncio
 import time
 import uuid
 import weakref
@@ -15,7 +16,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,6 +45,7 @@ from actors.schemas import FusionDelta, FusionJob, StepEvent, ThreadJob
 
 log = structlog.get_logger(__name__)
 
+THREAD_ATTEMPTS = 3  # a thread is restarted on another replica if its replica dies early
 KEEPALIVE_S = 10.0  # SSE comment interval during silent phases (proxies drop idle streams)
 
 app = FastAPI(title="Token Killer", docs_url="/docs", redoc_url=None)
@@ -62,8 +64,13 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def _is_capacity_error(exc: BaseException) -> bool:
-    """Our own replicas failed or pushed back (not an upstream): retrying soon can help."""
-    return isinstance(exc, (RayError, BackPressureError, DeploymentUnavailableError))
+    """Our own replicas died or pushed back (not an upstream): retrying soon can help."""
+    return isinstance(exc, (RayActorError, BackPressureError, DeploymentUnavailableError))
+
+
+def _unwrapped(exc: RayTaskError) -> BaseException:
+    """The exception a replica raised, without Ray's wrapper and its remote traceback."""
+    return exc.cause if isinstance(exc.cause, BaseException) else exc
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -155,12 +162,29 @@ class Ingress:
     # --- composition through handles ---------------------------------------------------------
 
     async def _run_thread(self, job: ThreadJob) -> AsyncIterator[StepEvent]:
-        async for event in self.thinker.run_thread.remote(job):
-            yield event
+        # A thread whose replica died before it reported anything starts again on another
+        # replica; once steps are out, a restart would repeat them, so the thread is dropped.
+        for attempt in range(1, THREAD_ATTEMPTS + 1):
+            started = False
+            try:
+                async for event in self.thinker.run_thread.remote(job):
+                    started = True
+                    yield event
+                return
+            except RayTaskError as exc:
+                raise _unwrapped(exc) from None
+            except (RayActorError, DeploymentUnavailableError) as exc:
+                if started or attempt == THREAD_ATTEMPTS:
+                    raise
+                log.warning("thread_replica_lost_restarting", thread=job.thread_index, error=type(exc).__name__)
+                await asyncio.sleep(0.1 * attempt)
 
     async def _fuse(self, job: FusionJob) -> AsyncIterator[FusionDelta]:
-        async for delta in self.fuser.fuse.remote(job):
-            yield delta
+        try:
+            async for delta in self.fuser.fuse.remote(job):
+                yield delta
+        except RayTaskError as exc:
+            raise _unwrapped(exc) from None
 
     # --- replies --------------------------------------------------------------------------------
 

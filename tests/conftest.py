@@ -18,6 +18,8 @@ from tests.support import role_aware_reply, sim_config_dict, write_config
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 SIM_LATENCY_S = 0.02
+SERVICE_KEY = "tk-test-client-key"  # what clients of the test service send
+UPSTREAM_KEY = "sk-fake-upstream-KEY-8c1f0e"  # what the service sends upstream; must never leak
 
 
 def free_port() -> int:
@@ -55,7 +57,8 @@ def serve_http() -> Iterator[str]:
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="token-killer-tests")
+    # Replica logs go to the session's files (where tests read them), not to pytest's output.
+    ray.init(num_cpus=2, include_dashboard=False, namespace="token-killer-tests", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -69,11 +72,39 @@ def service(serve_http: str, upstream_server: SimulatedUpstream, tmp_path_factor
 
     from deployments.app import build_app
 
-    path = write_config(
-        tmp_path_factory.mktemp("config") / "service.yaml", sim_config_dict(upstream_server.base_url)
+    config = sim_config_dict(
+        upstream_server.base_url,
+        limits={
+            "max_body_bytes": 20_000,
+            "max_messages": 50,
+            "max_total_chars": 10_000,
+            "max_in_flight": 24,
+            "retry_after_s": 2,
+            "fusion_reserve_s": 0.5,
+        },
     )
-    serve.run(build_app({"config": str(path)}), name="token-killer", route_prefix="/")
+    for model in config["models"].values():  # every upstream call carries a (fake) key
+        model["api_key_env"] = "TK_TEST_UPSTREAM_KEY"
+    path = write_config(tmp_path_factory.mktemp("config") / "service.yaml", config)
+    env = {"TK_TEST_UPSTREAM_KEY": UPSTREAM_KEY, "TOKEN_KILLER_API_KEYS": f"{SERVICE_KEY}, other-client-key"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:  # the builder resolves keys from the environment once, here, at start-up
+        serve.run(build_app({"config": str(path)}), name="token-killer", route_prefix="/")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return serve_http
+
+
+@pytest.fixture
+def client(service: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{service}/v1", api_key=SERVICE_KEY, max_retries=0, timeout=60)
 
 
 @pytest.fixture

@@ -108,6 +108,7 @@ class CallRecord:
     stream: bool
     tag: str | None  # X-Request-Tag request header
     call_id: str | None  # X-Call-Id request header: the same on every attempt of one call
+    authorization: str | None  # Authorization request header (to check keys are sent)
     started: float  # time.monotonic()
     finished: float | None = None
     status: int | str | None = None  # HTTP status, or "drop" / "hang"
@@ -290,6 +291,7 @@ class SimulatedUpstream:
             stream=bool(req.get("stream")),
             tag=request.headers.get("X-Request-Tag"),
             call_id=request.headers.get("X-Call-Id"),
+            authorization=request.headers.get("Authorization"),
             started=time.monotonic(),
             fault=fault,
             prompt_tokens=count_words(text),

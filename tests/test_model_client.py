@@ -115,3 +115,23 @@ def test_parse_retry_after():
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") < 1  # a past date: no wait
+
+
+async def test_a_failing_model_falls_back_to_the_next_one_in_order(http_session, upstream):
+    upstream.add_rule(Rule(model="sim-thinker", fault="503"))
+    upstream.add_rule(Rule(model="backup-1", fault="400"))
+    primary = ModelConfig(
+        base_url=upstream.base_url,
+        model="sim-thinker",
+        fallbacks=[
+            ModelConfig(base_url=upstream.base_url, model="backup-1"),
+            ModelConfig(base_url=upstream.base_url, model="backup-2"),
+        ],
+    )
+    client = ModelClient(http_session, "thinker", primary, UpstreamConfig(max_attempts=2, backoff_initial_s=0.01))
+    usage = UsageLedger()
+
+    assert await client.complete(MESSAGES, usage) == "Simulated answer."
+    assert [r.model for r in upstream.records] == ["sim-thinker", "sim-thinker", "backup-1", "backup-2"]
+    assert len({r.call_id for r in upstream.records}) == 1  # one logical call throughout
+    assert (usage.prompt_tokens, usage.completion_tokens) == upstream.served_usage()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.request
 
 import openai
@@ -16,11 +15,6 @@ pytestmark = pytest.mark.serve
 
 MODEL = "token-killer"
 QUESTION = [{"role": "user", "content": "What is six times seven?"}]
-
-
-@pytest.fixture
-def client(service: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def assert_usage_matches(usage, sim: SimulatedUpstream) -> None:
@@ -154,45 +148,3 @@ def test_models_and_health(client, service):
     assert [m.id for m in client.models.list()] == [MODEL]
     with urllib.request.urlopen(f"{service}/health") as response:
         assert json.loads(response.read()) == {"status": "ok"}
-
-
-def _post(service: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        f"{service}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-@pytest.mark.parametrize(
-    ("body", "status", "param", "code"),
-    [
-        (b"{not json", 400, None, None),
-        (b"[1, 2]", 400, None, None),
-        (json.dumps({"model": MODEL}).encode(), 400, "messages", None),
-        (json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages", None),
-        (
-            json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).encode(),
-            400,
-            "messages[0].role",
-            None,
-        ),
-        (json.dumps({"model": "gpt-5", "messages": QUESTION}).encode(), 404, "model", "model_not_found"),
-    ],
-    ids=["invalid-json", "not-an-object", "no-messages", "empty-messages", "unknown-role", "unknown-model"],
-)
-def test_bad_requests_get_openai_shaped_errors_and_the_service_keeps_serving(
-    service, client, sim, body, status, param, code
-):
-    got_status, got = _post(service, body)
-
-    assert got_status == status
-    assert set(got["error"]) == {"message", "type", "param", "code"}
-    assert got["error"]["message"]
-    assert got["error"]["param"] == param
-    assert got["error"]["code"] == code
-    assert not sim.records  # nothing reached an upstream
-    assert client.chat.completions.create(model=MODEL, messages=QUESTION).choices[0].message.content

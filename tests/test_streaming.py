@@ -6,17 +6,13 @@ import uuid
 import openai
 import pytest
 
+from tests.conftest import SERVICE_KEY
 from tests.simulated_upstream import Rule
 
 pytestmark = pytest.mark.serve
 
 MODEL = "token-killer"
 QUESTION = [{"role": "user", "content": "What is six times seven?"}]
-
-
-@pytest.fixture
-def client(service: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def reasoning_of(chunk) -> str:
@@ -91,7 +87,7 @@ def test_an_upstream_failure_mid_stream_reaches_the_client_as_an_error(client, s
 def test_a_client_disconnect_stops_every_upstream_call(service, sim, stream):
     sim.latency = 0.5
     request_id = uuid.uuid4().hex
-    impatient = openai.OpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0, timeout=1.2)
+    impatient = openai.OpenAI(base_url=f"{service}/v1", api_key=SERVICE_KEY, max_retries=0, timeout=1.2)
 
     if stream:
         response = impatient.chat.completions.create(

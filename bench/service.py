@@ -1,0 +1,206 @@
+"""The system under test: bench configs, the simulated upstream and `serve run`, as subprocesses.
+
+Everything here is derived from the repo's own files (serve_config.yaml for the Serve side, the
+README's config schema for the app side) so the benchmark measures the shipped shape.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WORK = ROOT / "bench" / "work"  # generated configs and logs (git-ignored)
+ROLES = ("thinker", "counterexample", "voter", "summarizer", "fuser")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+def app_config(base_url: str) -> dict[str, Any]:
+    """The original pipeline shape, every role on the simulated upstream.
+
+    The simulated upstream's CLI answers "Simulated answer." to every call: no [COMPLETE] marker
+    (every thread runs all max_steps) and no readable vote (every step fails validation). With
+    `on_fail: revise` each failed step would be redone, adding calls; `flag` keeps the step, so
+    the shape stays exactly 43 calls per request with the same critical path as passing steps.
+    """
+    return {
+        "served_model_name": "token-killer",
+        "prompts": "en",
+        "show_reasoning": True,
+        "models": {
+            role: {"base_url": base_url, "model": f"sim-{role}", "max_tokens": 64, "timeout_s": 30}
+            for role in ROLES
+        },
+        "thinking": {"num_threads": 3, "max_steps": 2},
+        "validation": {
+            "enabled": True,
+            "num_counterexamples": 3,
+            "num_voters": 3,
+            "pass_threshold": 2,
+            "on_fail": "flag",
+        },
+        "context": {"strategy": "smart", "preserve_recent_steps": 2},
+        "fusion": {"strategy": "intelligent"},
+        "upstream": {"max_attempts": 3, "backoff_initial_s": 0.2, "backoff_max_s": 5, "max_connections": 0},
+        "limits": {"max_in_flight": 1100, "deadline_s": 600},
+    }
+
+
+def serve_config(port: int, embedded: bool = False) -> dict[str, Any]:
+    """serve_config.yaml with only the HTTP port changed (and the `local` app dropped unless embedded)."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    if not embedded:
+        config["applications"] = [a for a in config["applications"] if a["name"] != "local"]
+    return config
+
+
+def calls_per_request(app: dict[str, Any]) -> int:
+    """threads × steps × (1 thinker + counterexamples + voters) + 1 fuser (no summary below 4 steps)."""
+    t, v = app["thinking"], app["validation"]
+    per_step = 1 + (v["num_counterexamples"] + v["num_voters"] if v["enabled"] else 0)
+    return t["num_threads"] * t["max_steps"] * per_step + (app["fusion"]["strategy"] == "intelligent")
+
+
+def critical_path(app: dict[str, Any], latency: float) -> dict[str, float]:
+    """Minimum wall time of one request when every upstream call takes `latency` seconds.
+
+    T = one thinker call, V = one step's validation (counterexamples in parallel, THEN voters in
+    parallel: 2 calls deep), F = the fuser call, n = max_steps. Threads run in parallel, so one
+    thread's path is the request's path. (Smart context summarises only from the 4th step on, so
+    with n = 2 there is no summarizer call on the path.)
+
+    - `target` (the brief's model, README: "validation costs no latency when steps pass"): step k's
+      validation fully overlaps the speculative thinking of step k+1, so only the last step's
+      validation is on the path:  n·T + V + F  = (2 + 2 + 1) × 0.2 s = 1.0 s.
+    - `schedule` (what actors/thinking.py actually does): step k+1 is written speculatively while
+      step k is validated, but step k+1's validation starts only after step k's verdict, so every
+      step after the first costs max(T, V), not T:  T + (n−1)·max(T, V) + V + F = 1.2 s here.
+      The two agree only when V ≤ T; with equal call latencies V = 2T, so the target is below the
+      floor the code can reach.
+    """
+    n = app["thinking"]["max_steps"]
+    t = latency
+    v = 2 * latency if app["validation"]["enabled"] else 0.0
+    f = latency if app["fusion"]["strategy"] == "intelligent" else 0.0
+    return {"target": n * t + v + f, "schedule": t + (n - 1) * max(t, v) + v + f}
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def _get_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _get_ok(url):
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited early; end of {log}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not ready after {timeout:.0f} s; see {log}")
+        time.sleep(0.5)
+
+
+class Proc:
+    """A subprocess in a session of its own; `stop()` ends its whole process group."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self._log_file = open(log, "w")
+        self.popen = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    def stop(self, grace: float = 60.0) -> None:
+        """SIGINT to the leader (`serve run` then shuts Serve and its Ray instance down), then
+        SIGKILL whatever of its session is left (Ray workers run in process groups of their own)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in session_pids(self.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        self._log_file.close()
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process of session `sid` (what a start_new_session subprocess started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def start_upstream(port: int, latency: float, token_interval: float = 0.0) -> Proc:
+    args = [sys.executable, "-m", "tests.simulated_upstream", "--port", str(port), "--latency", str(latency)]
+    if token_interval:
+        args += ["--token-interval", str(token_interval)]
+    proc = Proc(args, WORK / f"upstream-{port}.log")
+    _wait_ready(f"http://127.0.0.1:{port}/v1/models", proc.popen, proc.log, 30)
+    return proc
+
+
+def start_serve(serve_yaml: Path, app_yaml: Path | None, port: int, timeout: float = 240.0,
+                check_local: bool = False) -> Proc:
+    env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
+    if app_yaml is not None:
+        env["TOKEN_KILLER_CONFIG"] = str(app_yaml)
+    proc = Proc([str(BIN / "serve"), "run", str(serve_yaml)], WORK / f"serve-{port}.log", env)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/v1/models", proc.popen, proc.log, timeout)
+        if check_local:
+            _wait_ready(f"http://127.0.0.1:{port}/local/v1/models", proc.popen, proc.log, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
