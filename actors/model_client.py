@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import structlog
@@ -34,6 +34,27 @@ log = structlog.get_logger(__name__)
 
 REQUEST_TAG_HEADER = "X-Request-Tag"
 CALL_ID_HEADER = "X-Call-Id"
+
+
+class CallObserver(Protocol):
+    """Told about every upstream attempt (the deployments count them as metrics)."""
+
+    def upstream_attempt(self, role: str, outcome: str, seconds: float) -> None: ...
+
+
+def attempt_outcome(exc: BaseException | None) -> str:
+    """A short label for how one attempt ended: ok, http_429, http_5xx, timeout, ..."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, UpstreamError):
+        if exc.status is None:
+            return "malformed"
+        return "http_429" if exc.status == 429 else f"http_{exc.status // 100}xx"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    return "connection"
 
 
 class UpstreamError(Exception):
@@ -85,8 +106,12 @@ def open_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector)
 
 
-def role_clients(session: aiohttp.ClientSession, config: ServiceConfig) -> dict[str, "ModelClient"]:
-    return {role: ModelClient(session, role, model, config.upstream) for role, model in config.models.items()}
+def role_clients(
+    session: aiohttp.ClientSession, config: ServiceConfig, observer: CallObserver | None = None
+) -> dict[str, "ModelClient"]:
+    return {
+        role: ModelClient(session, role, model, config.upstream, observer) for role, model in config.models.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -112,11 +137,13 @@ class ModelClient:
         role: str,
         model: ModelConfig,
         upstream: UpstreamConfig,
+        observer: CallObserver | None = None,
     ) -> None:
         self.session = session
         self.role = role
         self.model = model
         self.upstream = upstream
+        self.observer = observer
         self.endpoints = [_Endpoint.of(m) for m in (model, *model.fallbacks)]
         self._backoff = wait_exponential(
             multiplier=upstream.backoff_initial_s, max=upstream.backoff_max_s
@@ -208,8 +235,21 @@ class ModelClient:
             reraise=True,
         ):
             with attempt:
-                return await send(endpoint, payload, {**endpoint.headers, **headers})
+                return await self._observed(send(endpoint, payload, {**endpoint.headers, **headers}))
         raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _observed(self, attempt):
+        if self.observer is None:
+            return await attempt
+        started = time.monotonic()
+        error: BaseException | None = None
+        try:
+            return await attempt
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.observer.upstream_attempt(self.role, attempt_outcome(error), time.monotonic() - started)
 
     def _wait(self, state: RetryCallState) -> float:
         backoff = self._backoff(state)

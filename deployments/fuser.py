@@ -12,6 +12,7 @@ from actors.log_setup import bind_request, configure_logging
 from actors.model_client import open_session, role_clients
 from actors.prompts import load_prompts
 from actors.schemas import FusionDelta, FusionJob
+from deployments.metrics import ServiceMetrics
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=500)
@@ -19,7 +20,8 @@ class Fuser:
     async def __init__(self, config: ServiceConfig) -> None:
         configure_logging()
         self.session = open_session(config.upstream)
-        client = role_clients(self.session, config)["fuser"]
+        self.metrics = ServiceMetrics()
+        client = role_clients(self.session, config, self.metrics)["fuser"]
         self.fuser = FusionRole(config.fusion, load_prompts(config.prompts), client)
 
     async def fuse(self, job: FusionJob) -> AsyncIterator[FusionDelta]:

@@ -42,6 +42,7 @@ from actors.replies import (
     with_keepalives,
 )
 from actors.schemas import FusionDelta, FusionJob, StepEvent, ThreadJob
+from deployments.metrics import ServiceMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -104,6 +105,7 @@ class Ingress:
         configure_logging()
         self.config = config
         self.in_flight = InFlightLimit(config.limits.max_in_flight, config.limits.retry_after_s)
+        self.metrics = ServiceMetrics()
         # Streaming handles, made once: each thread and the fusion are one call each.
         self.thinker = thinker.options(stream=True)
         self.fuser = fuser.options(stream=True)
@@ -137,6 +139,7 @@ class Ingress:
         enforce_limits(chat, limits.max_messages, limits.max_total_chars)
         conversation = to_conversation(chat)
         ticket = self.in_flight.enter()
+        self.metrics.in_flight.set(self.in_flight.current)
         request_id = _request_id()
         bind_request(request_id)
         budget = min(chat.deadline_s or limits.deadline_s, limits.deadline_s)
@@ -150,13 +153,10 @@ class Ingress:
         )
         reply = Reply(request_id, chat, self.config)
         if not chat.stream:
-            try:
-                return await self._complete(run, reply)
-            finally:
-                ticket.release()
+            return await self._complete(run, reply, ticket)
         stream = self._stream(run, reply, ticket)
         # If the client leaves before the stream starts, the generator never runs its finally.
-        weakref.finalize(stream, ticket.release)
+        weakref.finalize(stream, self._release, ticket)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # --- composition through handles ---------------------------------------------------------
@@ -188,7 +188,16 @@ class Ingress:
 
     # --- replies --------------------------------------------------------------------------------
 
-    async def _complete(self, run: DeepThinkingRun, reply: Reply) -> JSONResponse:
+    def _release(self, ticket: Ticket) -> None:
+        ticket.release()
+        self.metrics.in_flight.set(self.in_flight.current)
+
+    def _finish(self, run: DeepThinkingRun, reply: Reply, ticket: Ticket, outcome: str) -> None:
+        self._release(ticket)
+        self.metrics.request_done(run.stats)
+        log_request_complete(run, reply, outcome)
+
+    async def _complete(self, run: DeepThinkingRun, reply: Reply, ticket: Ticket) -> JSONResponse:
         outcome = "cancelled"
         try:
             async for event in run.events():
@@ -198,7 +207,7 @@ class Ingress:
             outcome = "failed"
             raise self._failure(exc) from exc
         finally:
-            log_request_complete(run, reply, outcome)
+            self._finish(run, reply, ticket, outcome)
         return JSONResponse(
             completion_body(
                 id=reply.id,
@@ -249,8 +258,7 @@ class Ingress:
             log.exception("stream_failed")
             yield sse(APIError(502, f"The request failed while streaming: {exc}", type="upstream_error").body())
         finally:
-            ticket.release()
-            log_request_complete(run, reply, outcome)
+            self._finish(run, reply, ticket, outcome)
         yield sse("[DONE]")
 
 

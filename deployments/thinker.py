@@ -17,6 +17,7 @@ from actors.model_client import open_session, role_clients
 from actors.prompts import load_prompts
 from actors.schemas import StepEvent, ThreadJob, ValidationJob, Verdict
 from actors.thinking import ThreadRunner
+from deployments.metrics import ServiceMetrics
 
 
 # Two replicas by default, so losing one never takes every thread of a request with it.
@@ -25,8 +26,9 @@ class Thinker:
     async def __init__(self, config: ServiceConfig, validator: DeploymentHandle) -> None:
         configure_logging()
         self.session = open_session(config.upstream)
+        self.metrics = ServiceMetrics()
         self.validator = validator
-        clients = role_clients(self.session, config)
+        clients = role_clients(self.session, config, self.metrics)
         self.runner = ThreadRunner(
             config, load_prompts(config.prompts), clients["thinker"], clients["summarizer"], self._validate
         )

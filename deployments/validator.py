@@ -10,6 +10,7 @@ from actors.model_client import open_session, role_clients
 from actors.prompts import load_prompts
 from actors.schemas import ValidationJob, Verdict
 from actors.validation import StepValidator
+from deployments.metrics import ServiceMetrics
 
 
 # Two replicas by default, so losing one never takes every thread of a request with it.
@@ -18,14 +19,17 @@ class Validator:
     async def __init__(self, config: ServiceConfig) -> None:
         configure_logging()
         self.session = open_session(config.upstream)
-        clients = role_clients(self.session, config)
+        self.metrics = ServiceMetrics()
+        clients = role_clients(self.session, config, self.metrics)
         self.validator = StepValidator(
             config.validation, load_prompts(config.prompts), clients["counterexample"], clients["voter"]
         )
 
     async def validate(self, job: ValidationJob) -> Verdict:
         bind_request(job.request_id)
-        return await self.validator.validate(job)
+        verdict = await self.validator.validate(job)
+        self.metrics.verdict(verdict)
+        return verdict
 
     async def __del__(self) -> None:
         await self.session.close()

@@ -50,6 +50,9 @@ def sim(upstream_server: SimulatedUpstream) -> Iterator[SimulatedUpstream]:
     upstream_server.fault_rates = {}
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def serve_http() -> Iterator[str]:
     """A Ray cluster and Serve HTTP proxy for the whole session; returns the base URL."""
@@ -58,7 +61,13 @@ def serve_http() -> Iterator[str]:
 
     port = free_port()
     # Replica logs go to the session's files (where tests read them), not to pytest's output.
-    ray.init(num_cpus=2, include_dashboard=False, namespace="token-killer-tests", log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="token-killer-tests",
+        log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
