@@ -112,6 +112,8 @@ class ServiceConfig(_Strict):
     served_model_name: str = "token-killer"
     prompts: str = "en"
     show_reasoning: bool = True
+    # SSE comment lines during silent phases, so proxies and clients don't drop the stream.
+    stream_keepalive_s: float = Field(10.0, gt=0)
     models: dict[Role, ModelConfig]
     thinking: ThinkingConfig = ThinkingConfig()
     validation: ValidationConfig = ValidationConfig()

@@ -47,7 +47,6 @@ from deployments.metrics import ServiceMetrics
 log = structlog.get_logger(__name__)
 
 THREAD_ATTEMPTS = 3  # a thread is restarted on another replica if its replica dies early
-KEEPALIVE_S = 10.0  # SSE comment interval during silent phases (proxies drop idle streams)
 
 app = FastAPI(title="Token Killer", docs_url="/docs", redoc_url=None)
 
@@ -228,7 +227,7 @@ class Ingress:
         outcome = "cancelled"
         try:
             yield sse(reply.chunk({"role": "assistant", "content": ""}))
-            async for event in with_keepalives(run.events(), KEEPALIVE_S):
+            async for event in with_keepalives(run.events(), self.config.stream_keepalive_s):
                 if event is None:
                     yield ": keepalive\n\n"
                     continue

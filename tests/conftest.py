@@ -62,6 +62,7 @@ def serve_http() -> Iterator[str]:
     port = free_port()
     # Replica logs go to the session's files (where tests read them), not to pytest's output.
     ray.init(
+        address="local",  # always a cluster of our own, never one already running here
         num_cpus=2,
         include_dashboard=False,
         namespace="token-killer-tests",
@@ -83,6 +84,7 @@ def service(serve_http: str, upstream_server: SimulatedUpstream, tmp_path_factor
 
     config = sim_config_dict(
         upstream_server.base_url,
+        stream_keepalive_s=0.2,
         limits={
             "max_body_bytes": 20_000,
             "max_messages": 50,

@@ -1,5 +1,6 @@
 """Streaming as clients of reasoning models expect it: live reasoning, live tokens, cancellation."""
 
+import json
 import time
 import uuid
 
@@ -113,3 +114,22 @@ def test_a_client_disconnect_stops_every_upstream_call(service, sim, stream):
     assert all(r.started < deadline for r in ours)
     assert not any(r.model == "sim-fuser" for r in ours)
     assert any(r.cancelled for r in ours)
+
+
+def test_silent_phases_send_keepalive_comments_that_clients_ignore(service, client, sim):
+    import urllib.request
+
+    sim.latency = 0.5  # silent for longer than the test service's 0.2 s keepalive interval
+    request = urllib.request.Request(
+        f"{service}/v1/chat/completions",
+        data=json.dumps({"model": MODEL, "messages": QUESTION, "stream": True}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {SERVICE_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        lines = response.read().decode().splitlines()
+
+    assert ": keepalive" in lines
+    assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+    sim.latency = 0.02
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True))
+    assert "".join(content_of(c) for c in chunks) == "The fused final answer is 42."
