@@ -26,6 +26,7 @@ class Reply:
         self.id = f"chatcmpl-{request_id}"
         self.created = int(time.time())
         self.model = config.served_model_name
+        self.stream = chat.stream
         self.include_usage = chat.include_usage
         self.show_reasoning = config.show_reasoning if chat.include_reasoning is None else chat.include_reasoning
         self.started = time.monotonic()
@@ -66,12 +67,11 @@ async def with_keepalives(events: AsyncIterator, interval: float) -> AsyncIterat
             if not done:
                 yield None
                 continue
+            finished, pending = pending, None
             try:
-                event = pending.result()
+                event = finished.result()
             except StopAsyncIteration:
                 return
-            finally:
-                pending = None if done else pending
             yield event
     finally:
         if pending is not None:
@@ -125,7 +125,7 @@ def log_request_complete(run: DeepThinkingRun, reply: Reply, outcome: str) -> No
         "request_complete",
         request_id=run.request_id,
         outcome=outcome,
-        stream=reply.include_usage or None,
+        stream=reply.stream,
         elapsed_s=round(time.monotonic() - reply.started, 3),
         thinking_s=round(stats.thinking_s, 3),
         fusion_s=round(stats.fusion_s, 3),
