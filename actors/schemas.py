@@ -57,6 +57,9 @@ class UsageLedger:
         self.roles = {}
         return taken
 
+    def totals(self) -> dict[str, int]:
+        return {"calls": self.calls, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
     @property
     def prompt_tokens(self) -> int:
         return sum(u.prompt_tokens for u in self.roles.values())

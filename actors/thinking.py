@@ -103,6 +103,8 @@ class ThreadRunner:
                     return
         finally:
             await _cancel(speculative)
+            if usage.calls:  # cancelled: tokens spent but never sent up stay on the record
+                log.info("usage_unreported_after_stop", thread=job.thread_index, **usage.totals())
 
     async def _think_step(
         self,

@@ -34,6 +34,14 @@ class StepValidator:
 
     async def validate(self, job: ValidationJob) -> Verdict:
         usage = UsageLedger()
+        try:
+            return await self._validate(job, usage)
+        except asyncio.CancelledError:  # the tokens spent so far stay on the record
+            if usage.calls:
+                log.info("usage_unreported_after_stop", **usage.totals())
+            raise
+
+    async def _validate(self, job: ValidationJob, usage: UsageLedger) -> Verdict:
         question = job.conversation.transcript()
         counter_messages = [
             {"role": "system", "content": self.prompts.counterexample_system},
