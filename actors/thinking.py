@@ -1,9 +1,10 @@
 """One reasoning thread: steps, each validated, with speculation so validation costs no latency.
 
-While step k is being validated the thread already writes step k+1 on the assumption that k
-passes. If k fails (and `on_fail` is `revise`) the speculative step is cancelled — its upstream
-call is aborted — and step k is redone once with the counterexamples as feedback. When steps pass,
-a thread therefore takes as long as its thinking calls plus the last step's validation.
+As soon as step k is written, its validation starts and step k+1 is written on the assumption
+that k passes (and so on: each written step starts its own validation and its successor). If k
+fails (and `on_fail` is `revise`) every speculative step after it is cancelled — their upstream
+calls are aborted — and step k is redone once with the counterexamples as feedback. When steps
+pass, a thread therefore takes as long as its thinking calls plus the last step's validation.
 
 The runner is an async generator of `StepEvent`s so callers can stream reasoning as it happens.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -36,6 +38,15 @@ log = structlog.get_logger(__name__)
 Validate = Callable[[ValidationJob], Awaitable[Verdict]]
 
 
+@dataclass
+class _Written:
+    """A step as written, with its validation and the next (speculative) step already running."""
+
+    step: Step
+    validation: asyncio.Future[Verdict] | None
+    following: asyncio.Future["_Written"] | None
+
+
 class ThreadRunner:
     def __init__(
         self,
@@ -56,55 +67,59 @@ class ThreadRunner:
         usage = UsageLedger()
         context = ContextBuilder(self.config.context, self.prompts, self.summarizer)
         max_steps = self.config.thinking.max_steps
-        on_fail = self.config.validation.on_fail
         accepted: list[Step] = []
-        speculative: asyncio.Task[tuple[Step, str]] | None = None
-        feedback: tuple[Step, Verdict] | None = None
 
-        async def think(index: int, earlier: list[Step], challenge: tuple[Step, Verdict] | None):
+        async def write(index: int, earlier: list[Step], challenge: tuple[Step, Verdict] | None) -> _Written:
             seen = await context.build(earlier, usage, job.request_id)
-            return await self._think_step(job, index, seen, challenge, usage), seen
+            step = await self._think_step(job, index, seen, challenge, usage)
+            step.revised = challenge is not None
+            # Nothing is awaited from here on, so a cancelled `write` never leaves tasks behind.
+            validation = following = None
+            if self.validate is not None:
+                validation = asyncio.ensure_future(
+                    self._validate(ValidationJob(job.request_id, job.conversation, seen, step.text))
+                )
+            if not (step.complete or index + 1 >= max_steps or _past(job.stop_starting_at)):
+                # Speculation: the next step is written now, on the assumption this one passes.
+                following = asyncio.ensure_future(write(index + 1, [*earlier, step], None))
+            return _Written(step, validation, following)
 
+        # Validations of abandoned speculative steps: left to finish so their tokens are counted.
+        orphans: list[asyncio.Future[Verdict]] = []
+        pending: asyncio.Future[_Written] | None = asyncio.ensure_future(write(0, [], None))
         try:
-            while True:
-                index = len(accepted)
-                if speculative is not None:
-                    step, seen = await speculative
-                    speculative = None
-                else:
-                    step, seen = await think(index, accepted, feedback)
-                step.revised = feedback is not None
-                feedback = None
-                last = step.complete or index + 1 >= max_steps
-
-                if self.validate is not None:
-                    validation = asyncio.ensure_future(
-                        self._validate(ValidationJob(job.request_id, job.conversation, seen, step.text))
-                    )
-                    if not last:
-                        speculative = asyncio.ensure_future(think(index + 1, [*accepted, step], None))
-                    step.verdict = verdict = await validation
+            while pending is not None:
+                written = await pending
+                step, pending = written.step, written.following
+                if written.validation is not None:
+                    step.verdict = verdict = await written.validation
                     usage.merge(verdict.usage)
                     if verdict.failed:
-                        if on_fail == "revise" and not step.revised and not _past(job.stop_starting_at):
-                            speculative = await _cancel(speculative)
+                        if self._revise(step, job):
+                            await _abandon(pending, orphans)
                             yield StepEvent(job.thread_index, step, rejected=True, usage=usage.take())
-                            feedback = (step, verdict)
+                            pending = asyncio.ensure_future(write(step.index, accepted, (step, verdict)))
                             continue
                         step.flagged = True
-
                 accepted.append(step)
-                if not last and _past(job.stop_starting_at):
-                    last = True  # the request's deadline is near: fuse what exists
-                if last:
-                    speculative = await _cancel(speculative)
+                if pending is not None and _past(job.stop_starting_at):
+                    await _abandon(pending, orphans)  # the deadline is near: fuse what exists
+                    pending = None
+                if pending is None:
+                    for verdict in await asyncio.gather(*orphans):
+                        usage.merge(verdict.usage)
+                    orphans.clear()
                 yield StepEvent(job.thread_index, step, rejected=False, usage=usage.take())
-                if last:
-                    return
         finally:
-            await _cancel(speculative)
+            await _abandon(pending, orphans)
+            for orphan in orphans:  # only left when the thread itself was stopped
+                orphan.cancel()
             if usage.calls:  # cancelled: tokens spent but never sent up stay on the record
                 log.info("usage_unreported_after_stop", thread=job.thread_index, **usage.totals())
+
+    def _revise(self, step: Step, job: ThreadJob) -> bool:
+        """Redo a failed step? Once per step, only in `revise` mode, and not past the deadline."""
+        return self.config.validation.on_fail == "revise" and not step.revised and not _past(job.stop_starting_at)
 
     async def _think_step(
         self,
@@ -144,10 +159,18 @@ def _past(moment: float | None) -> bool:
     return moment is not None and time.time() >= moment
 
 
-async def _cancel(task: asyncio.Future | None) -> None:
-    """Cancel a speculative step and wait until its upstream call is really aborted."""
-    if task is not None:
-        task.cancel()
-        # gather re-raises our own cancellation but collects the task's.
-        await asyncio.gather(task, return_exceptions=True)
-    return None
+async def _abandon(pending: asyncio.Future | None, orphans: list[asyncio.Future]) -> None:
+    """Cancel speculative steps (their upstream calls are aborted).
+
+    Their validations that already started are not cancelled but collected in `orphans`: a
+    cancelled validation would take the tokens its finished calls cost off the books.
+    """
+    while pending is not None:
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)  # re-raises only our own cancel
+        if pending.cancelled() or pending.exception() is not None:
+            return
+        written: _Written = pending.result()
+        if written.validation is not None:
+            orphans.append(written.validation)
+        pending = written.following

@@ -39,9 +39,12 @@ async def test_the_next_step_is_written_while_the_previous_one_is_validated(http
     assert [e.step.index for e in events] == [0, 1, 2]
     assert all(e.step.verdict.status is VerdictStatus.PASSED for e in events)
     thinker = [r for r in upstream.records if r.model == "sim-thinker"]
-    first_voter = min(r.finished for r in upstream.records if r.model == "sim-voter")
-    # Step 2's thinking call started before step 1's verdict existed: speculation.
-    assert thinker[1].started < first_voter
+    first_verdict = min(r.finished for r in upstream.records if r.model == "sim-voter")
+    # Steps 2 and 3 were written, and step 2 validated, before step 1's verdict existed:
+    # validation never waits for an earlier verdict, and thinking never waits for validation.
+    assert thinker[2].started < first_verdict
+    second_step_checks = [r for r in upstream.records if r.model == "sim-counterexample" and r.started > thinker[1].finished]
+    assert min(r.started for r in second_step_checks) < first_verdict
     assert len(thinker) == 3  # nothing wasted when every step passes
 
 
