@@ -68,6 +68,13 @@ def serve_http() -> Iterator[str]:
         namespace="token-killer-tests",
         log_to_driver=False,
         _metrics_export_port=METRICS_PORT,
+        # The same Serve switches serve_config.yaml sets for the app's replicas.
+        runtime_env={
+            "env_vars": {
+                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+            }
+        },
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
