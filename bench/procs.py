@@ -9,8 +9,10 @@ last CPU reading is kept after it exits, so a replica that is scaled down mid-ph
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import statistics
 import sys
 import threading
 import time
@@ -67,7 +69,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self.t0 = time.time()
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         self.sample()
         self._thread.start()
         return self
@@ -132,10 +134,13 @@ class Sampler:
         """CPU seconds by category between two marks, peak RSS and replica counts seen."""
         a, b = self.marks[start], self.marks[end]
         by_category: dict[str, float] = {}
+        new = 0.0  # CPU of processes started within the window (mostly new replicas starting up)
         for pid, seconds in b["cpu"].items():
             used = seconds - a["cpu"].get(pid, 0.0)
             category = self.category.get(pid, "other")
             by_category[category] = by_category.get(category, 0.0) + used
+            if pid not in a["cpu"] and category != "upstream":
+                new += used
         ray_s = sum(v for k, v in by_category.items() if k != "upstream")
         window = self.timeline[a["timeline_index"] - 1 : b["timeline_index"]]
         wall = b["t"] - a["t"]
@@ -144,6 +149,7 @@ class Sampler:
             "wall_s": round(wall, 3),
             "ray_cpu_s": round(ray_s, 3),
             "upstream_cpu_s": round(by_category.get("upstream", 0.0), 3),
+            "ray_cpu_of_new_processes_s": round(new, 3),
             "ray_cpu_by_category_s": {k: round(v, 3) for k, v in sorted(by_category.items()) if k != "upstream"},
             "ray_cores_busy": round(ray_s / wall, 3) if wall > 0 else None,
             "machine_cores_busy": busy,
@@ -198,3 +204,38 @@ def autoscaling_decisions(log_dir: Path | None, t0: float) -> list[dict]:
                     {"t": round(ts - t0, 2), "deployment": m["name"], "from": int(m["old"]), "to": int(m["new"])}
                 )
     return events
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds by thread name. Python threads keep the process's name (the Ray worker title,
+    cut to 15 characters); Ray's C++ threads (gRPC, core worker io) have names of their own."""
+    by_name: dict[str, float] = {}
+    try:
+        for t in psutil.Process(pid).threads():
+            try:
+                name = Path(f"/proc/{pid}/task/{t.id}/comm").read_text().strip()
+            except OSError:
+                continue
+            by_name[name] = by_name.get(name, 0.0) + t.user_time + t.system_time
+    except psutil.Error:
+        pass
+    return by_name
+
+
+def request_log(path: Path, start: float, end: float) -> dict:
+    """Medians of the service's own `request_complete` lines (epoch window [start, end])."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        if '"request_complete"' not in line:
+            continue
+        try:
+            event = json.loads(line[line.index("{"):])
+            ts = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError):
+            continue
+        if start <= ts <= end and event.get("outcome") == "ok":
+            rows.append(event)
+    if not rows:
+        return {}
+    return {"n": len(rows), **{k: round(statistics.median(r[k] for r in rows), 3)
+                               for k in ("elapsed_s", "thinking_s", "fusion_s")}}

@@ -24,8 +24,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 from bench import report
-from bench.procs import Sampler, autoscaling_decisions, ray_log_dir
+from bench.procs import (
+    Sampler,
+    autoscaling_decisions,
+    ray_log_dir,
+    request_log,
+    thread_cpu,
+)
 from bench.service import (
     BIN,
     ROOT,
@@ -49,7 +57,7 @@ def log(message: str) -> None:
 
 
 def pytest_running() -> bool:
-    return subprocess.run(["pgrep", "-f", "pytest"], capture_output=True).returncode == 0
+    return subprocess.run(["pgrep", "-f", "pytest"], capture_output=True, check=False).returncode == 0
 
 
 def wait_for_quiet_machine(skip: bool) -> None:
@@ -89,17 +97,25 @@ class Bench:
         """Run fn between two sampler marks; returns (fn's result, resources used)."""
         self.results["phases"].append({"name": name, "start_s": round(time.time() - self.sampler.t0, 2)})
         pytest_before = pytest_running()
+        started = time.time()
         self.sampler.mark(name + ":start")
         result = fn(*args, **kwargs)
         self.sampler.mark(name + ":end")
         self.results["phases"][-1]["end_s"] = round(time.time() - self.sampler.t0, 2)
         used = self.sampler.between(name + ":start", name + ":end")
         used["pytest_running"] = pytest_before or pytest_running()
+        # The service's own timing of the same requests (its `request_complete` log lines).
+        used["service_log"] = request_log(self.serve.log, started, time.time())
         return result, used
 
     def start(self) -> None:
         app = app_config(f"http://127.0.0.1:{self.up_port}/v1")
         serve = serve_config(self.http_port)
+        for override in self.args.override:  # experiments only: "Deployment.key=value"
+            target, _, value = override.partition("=")
+            deployment, _, key = target.partition(".")
+            app_entry = next(a for a in serve["applications"] if a["name"] == "token-killer")
+            next(d for d in app_entry["deployments"] if d["name"] == deployment)[key] = yaml.safe_load(value)
         self.results["config"] = {
             "app": app,
             "serve": serve,
@@ -108,6 +124,7 @@ class Bench:
             "calls_per_request": calls_per_request(app),
             "critical_path_s": critical_path(app, LATENCY_S),
             "burst_critical_path_s": critical_path(app, BURST_LATENCY_S),
+            "serve_overrides": self.args.override,
         }
         log(f"simulated upstream on :{self.up_port} (latency {LATENCY_S} s)")
         self.upstream = start_upstream(self.up_port, LATENCY_S)
@@ -120,6 +137,11 @@ class Bench:
         log(f"service ready in {self.results['startup_s']} s")
         self.sampler = Sampler(self.serve.pid, self.upstream.pid).start()
         self.log_dir = ray_log_dir(self.serve.pid)
+        log("warm-up, then idle baseline")
+        run_load(self.url, 4, requests=8)
+        run_load(self.url, 4, requests=8, stream=True)
+        wait_for_quiet_machine(self.args.ignore_pytest)
+        _, self.results["idle_baseline"] = self.phase("idle", time.sleep, self.args.idle)
 
     def stop(self) -> None:
         if self.sampler is not None:
@@ -133,10 +155,6 @@ class Bench:
 
     def levels(self) -> None:
         a = self.args
-        log("warm-up")
-        run_load(self.url, 4, requests=8)
-        run_load(self.url, 4, requests=8, stream=True)
-        _, self.results["idle_baseline"] = self.phase("idle", time.sleep, a.idle)
         self.results["levels"] = []
         for concurrency in a.levels:
             for stream in (False, True):
@@ -146,7 +164,7 @@ class Bench:
                 load, used = self.phase(name, run_load, self.url, concurrency, stream=stream, duration=a.duration)
                 entry = {"name": name, "concurrency": concurrency, "stream": stream, "wall_s": load["wall_s"],
                          "resources": used, "records": load["records"]}
-                entry["summary"] = report.summarize(entry)
+                entry["summary"] = report.summarize(entry, self.results["idle_baseline"]["ray_cores_busy"])
                 s = entry["summary"]
                 log(f"{name}: {s['requests']} req, p50 {s['p50_s']} s, p90 {s['p90_s']} s, {s['req_per_s']} req/s, "
                     f"errors {s['errors']}, {s['ray_cpu_ms_per_call']} ms CPU/call")
@@ -167,12 +185,19 @@ class Bench:
             for d, pids in targets.items() if pids
         }
         log(f"profiling {', '.join(spies)} for {seconds} s under concurrency 64")
-        load, used = self.phase("profile", run_load, self.url, 64, duration=self.args.duration)
+        threads_before = {d: thread_cpu(pids[0]) for d, pids in targets.items() if pids}
+        _, used = self.phase("profile", run_load, self.url, 64, duration=self.args.duration)
+        threads = {}
+        for d, before in threads_before.items():
+            after = thread_cpu(targets[d][0])
+            threads[d] = {k: round(v - before.get(k, 0.0), 3) for k, v in
+                          sorted(after.items(), key=lambda kv: before.get(kv[0], 0.0) - kv[1])}
         for spy in spies.values():
             spy.wait(timeout=120)
         self.results["profile"] = {
             "seconds": seconds,
             "resources": used,
+            "thread_cpu_s": threads,
             "summary": {d: report.summarize_profile(out / f"{d}.txt") for d in spies},
         }
 
@@ -190,7 +215,7 @@ class Bench:
         load, used = self.phase("burst", run_load, self.url, a.burst, requests=a.burst)
         entry = {"name": "burst", "concurrency": a.burst, "stream": False, "wall_s": load["wall_s"],
                  "resources": used, "records": load["records"], "settle": settle}
-        entry["summary"] = report.summarize(entry)
+        entry["summary"] = report.summarize(entry, self.results["idle_baseline"]["ray_cores_busy"])
         s = entry["summary"]
         log(f"burst: {s['requests']} req, errors {s['errors']}, p50 {s['p50_s']} s, max {s['max_s']} s, "
             f"peak Ray RSS {used['peak_ray_rss_mb']} MB")
@@ -232,13 +257,15 @@ def machine_info() -> dict:
     from bench.procs import psutil
 
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False)
     # Others edit the service while benchmarks run: record what the measured tree differed in.
     dirty = subprocess.run(["git", "diff", "--stat", "HEAD", "--", "actors", "deployments", "serve_config.yaml"],
-                           cwd=ROOT, capture_output=True, text=True)
+                           cwd=ROOT, capture_output=True, text=True, check=False)
     import ray
 
     return {
@@ -267,9 +294,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle", type=float, default=5.0, help="seconds of idle baseline measurement")
     p.add_argument("--profile", action="store_true", help="py-spy the replicas under concurrency-64 load")
     p.add_argument("--embedded", action="store_true", help="also time one request on the embedded default")
+    p.add_argument("--override", action="append", default=[], metavar="DEPLOYMENT.KEY=VALUE",
+                   help="experiment: change one deployment option of serve_config.yaml (repeatable)")
     p.add_argument("--ignore-pytest", action="store_true", help="do not wait for a running pytest")
     p.add_argument("--out", type=Path, default=None, help="results directory")
-    p.add_argument("--markdown", type=Path, default=None, help="report path (default BENCHMARKS.md; quick: in --out)")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="report path (default: BENCHMARKS.md for a full run, else report.md in --out)")
     a = p.parse_args(argv)
     q = a.quick
     a.scenarios = [s for s in a.scenarios.split(",") if s]
@@ -278,8 +308,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.burst = a.burst or (200 if q else 1000)
     a.observe = a.observe if a.observe is not None else (15.0 if q else 75.0)
     a.settle = a.settle if a.settle is not None else (20.0 if q else 90.0)
-    a.out = a.out or ROOT / "bench" / "results" / ("quick" if q else "")
-    a.markdown = a.markdown or (a.out / "report.md" if q else ROOT / "BENCHMARKS.md")
+    # BENCHMARKS.md is written only by a full, unmodified run into bench/results/ (the default);
+    # quick runs, experiments (--override) and other --out directories get a report.md beside their JSON.
+    official = not q and a.out is None and not a.override
+    results = ROOT / "bench" / "results"
+    if a.out is None and a.override:  # e.g. bench/results/experiments/Ingress.max_queued_requests=1000
+        a.out = results / "experiments" / "+".join(o.replace("/", "_") for o in a.override)
+    a.out = (a.out or results / ("quick" if q else "")).resolve()
+    a.markdown = (a.markdown or (ROOT / "BENCHMARKS.md" if official else a.out / "report.md")).resolve()
     return a
 
 

@@ -80,28 +80,25 @@ def calls_per_request(app: dict[str, Any]) -> int:
     return t["num_threads"] * t["max_steps"] * per_step + (app["fusion"]["strategy"] == "intelligent")
 
 
-def critical_path(app: dict[str, Any], latency: float) -> dict[str, float]:
+def critical_path(app: dict[str, Any], latency: float) -> float:
     """Minimum wall time of one request when every upstream call takes `latency` seconds.
 
-    T = one thinker call, V = one step's validation (counterexamples in parallel, THEN voters in
-    parallel: 2 calls deep), F = the fuser call, n = max_steps. Threads run in parallel, so one
-    thread's path is the request's path. (Smart context summarises only from the 4th step on, so
-    with n = 2 there is no summarizer call on the path.)
+    Threads run in parallel, so one thread's path is the request's. With speculation
+    (actors/thinking.py) each written step starts its own validation and the next step at once,
+    so validations overlap the following steps' thinking and only the LAST step's validation is
+    on the path:
 
-    - `target` (the brief's model, README: "validation costs no latency when steps pass"): step k's
-      validation fully overlaps the speculative thinking of step k+1, so only the last step's
-      validation is on the path:  n·T + V + F  = (2 + 2 + 1) × 0.2 s = 1.0 s.
-    - `schedule` (what actors/thinking.py actually does): step k+1 is written speculatively while
-      step k is validated, but step k+1's validation starts only after step k's verdict, so every
-      step after the first costs max(T, V), not T:  T + (n−1)·max(T, V) + V + F = 1.2 s here.
-      The two agree only when V ≤ T; with equal call latencies V = 2T, so the target is below the
-      floor the code can reach.
+        steps × thinker  +  validation (counterexamples ∥, THEN voters ∥: 2 calls deep)  +  fuser
+        = (2 + 2 + 1) × 0.2 s = 1.0 s   for the bench shape
+
+    (Smart context summarises middle steps only from the 4th step on: no summarizer call here.
+    Before commit 2de554c, step k+1's validation waited for step k's verdict, which made it
+    T + (n−1)·max(T, V) + V + F = 1.2 s.)
     """
-    n = app["thinking"]["max_steps"]
-    t = latency
-    v = 2 * latency if app["validation"]["enabled"] else 0.0
-    f = latency if app["fusion"]["strategy"] == "intelligent" else 0.0
-    return {"target": n * t + v + f, "schedule": t + (n - 1) * max(t, v) + v + f}
+    steps = app["thinking"]["max_steps"]
+    validation = 2 if app["validation"]["enabled"] else 0
+    fusion = 1 if app["fusion"]["strategy"] == "intelligent" else 0
+    return (steps + validation + fusion) * latency
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:

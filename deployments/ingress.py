@@ -142,13 +142,14 @@ class Ingress:
         request_id = _request_id()
         bind_request(request_id)
         budget = min(chat.deadline_s or limits.deadline_s, limits.deadline_s)
+        reserve = min(limits.fusion_reserve_s, budget / 2)  # a short budget still gets to think
         run = DeepThinkingRun(
             request_id,
             conversation,
             self.config.thinking.num_threads,
             self._run_thread,
             self._fuse,
-            thinking_deadline=time.time() + max(0.0, budget - limits.fusion_reserve_s),
+            thinking_deadline=time.time() + budget - reserve,
         )
         reply = Reply(request_id, chat, self.config)
         if not chat.stream:
