@@ -23,5 +23,9 @@ run: setup
 test: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest
 
+bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.run --profile --embedded
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

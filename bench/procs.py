@@ -92,6 +92,7 @@ class Sampler:
             if self.upstream_pid is not None:
                 pids.add(self.upstream_pid)
             rss = pss = 0
+            rss_by: dict[str, float] = {}
             # PSS (shared pages split between the processes sharing them) is dearer to read: every 2 s.
             with_pss = len(self.timeline) % 4 == 0
             replicas = dict.fromkeys(DEPLOYMENTS, 0)
@@ -112,11 +113,13 @@ class Sampler:
                 if self.category[pid] != "upstream":
                     rss += mem
                     pss += shared
+                    rss_by[self.category[pid]] = rss_by.get(self.category[pid], 0) + mem
                     if self.category[pid] in replicas:
                         replicas[self.category[pid]] += 1
             sample = {"t": round(time.time() - self.t0, 2), "rss_mb": round(rss / 2**20, 1), "replicas": replicas}
-            if with_pss:
+            if with_pss:  # and RSS by process kind, to see who holds the memory
                 sample["pss_mb"] = round(pss / 2**20, 1)
+                sample["rss_mb_by_category"] = {k: round(v / 2**20) for k, v in sorted(rss_by.items())}
             self.timeline.append(sample)
 
     def mark(self, name: str) -> None:
@@ -155,6 +158,10 @@ class Sampler:
             "machine_cores_busy": busy,
             "peak_ray_rss_mb": max((s["rss_mb"] for s in window), default=None),
             "peak_ray_pss_mb": max((s["pss_mb"] for s in window if "pss_mb" in s), default=None),
+            "rss_mb_by_category_at_peak": max((s for s in window if "pss_mb" in s), key=lambda s: s["rss_mb"],
+                                              default={}).get("rss_mb_by_category"),
+            "rss_mb_by_category_at_end": next((s["rss_mb_by_category"] for s in reversed(window) if "pss_mb" in s),
+                                              None),
             "max_replicas": {d: max((s["replicas"][d] for s in window), default=0) for d in DEPLOYMENTS},
         }
 

@@ -167,7 +167,9 @@ def targets(results: dict) -> list[dict]:
     n = burst["concurrency"] if burst else 1000
     row(f"{n} in flight, 2 s upstream: no errors", 0, burst and burst["summary"]["errors"], "errors")
     peak = burst and burst["resources"]["peak_ray_rss_mb"]
-    row(f"{n} in flight: total Ray RSS ≤ 3 GB", 3.0, peak and round(peak / 1024, 2), "GB")
+    pss = burst and burst["resources"].get("peak_ray_pss_mb")
+    row(f"{n} in flight: total Ray RSS ≤ 3 GB", 3.0, peak and round(peak / 1024, 2), "GB",
+        note=f"PSS (shared pages split): {pss / 1024:.2f} GB" if pss else "")
     emb = results.get("embedded")
     row("embedded default: one request < 30 s", 30, emb and emb["non_stream"]["latency"], "s")
     return rows
@@ -224,7 +226,8 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
         f"Run {meta['started']} → {meta.get('finished')}, commit `{m['git_commit']}`"
         + (" (service code modified in the work tree)" if m["service_code_modified"] else "")
         + f"; {m['cores']} cores ({m['cpu']}), {m['memory_gb']} GB, {m['os']}, Python {m['python']}, "
-        f"Ray {m['ray']}. The machine is shared and noisy; load average at start {m['load_before_start']}.",
+        f"Ray {m['ray']}. The machine is shared and noisy; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['load_before_start'])}.",
         "",
     ]
     if cfg:
@@ -249,7 +252,8 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
             "- CPU: user+system time of every process in the `serve run` session (GCS, raylet, dashboard "
             "and agents, controller, proxy, every replica, idle workers, the `serve run` driver), sampled "
             "every 0.5 s, a process's last reading kept after it exits; divided by the upstream calls the "
-            "responses report. RSS is the sum over those processes (shared pages counted per process).",
+            "responses report. RSS is the sum over those processes (shared pages counted in each process); "
+            "PSS splits shared pages between the processes sharing them. GB = 1,024 MB.",
             "",
         ]
     if cfg.get("serve_overrides"):
@@ -323,6 +327,12 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
                           f"{res['max_replicas']['Thinker']}/{res['max_replicas']['Validator']}"]])
         if s["errors"]:
             lines += ["", f"Errors by kind: `{json.dumps(s['errors_by_kind'])}`"]
+        peak, end = res.get("rss_mb_by_category_at_peak"), (b.get("after") or {}).get("rss_mb_by_category_at_end")
+        if peak:
+            kinds = sorted(peak, key=lambda k: -peak[k])
+            lines += ["", "RSS by process kind (MB) at the burst's peak and at the end of the watch after it:", ""]
+            lines += _table(["", *kinds], [["peak", *(peak[k] for k in kinds)],
+                                           ["after", *((end or {}).get(k) for k in kinds)]])
         lines.append("")
     if results.get("timeline"):
         lines += ["## Replica counts over time", "",

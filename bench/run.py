@@ -4,6 +4,9 @@
     .venv/bin/python -m bench.run --quick         # short dev run: bench/results/quick/
     .venv/bin/python -m bench.run --scenarios levels --levels 1,64 --profile
     .venv/bin/python -m bench.run --embedded      # also time one request on the real serve_config.yaml
+    .venv/bin/python -m bench.run --scenarios burst --override Ingress.max_queued_requests=1000
+                                                  # experiment: bench/results/experiments/...
+    .venv/bin/python -m bench.report bench/results/latest.json BENCHMARKS.md   # re-render only
 
 Scenarios: `levels` (closed-loop load at each concurrency, non-stream then stream, upstream
 latency 0.2 s), `burst` (upstream restarted at 2.0 s latency, N requests fired at once, then
