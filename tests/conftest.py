@@ -35,19 +35,21 @@ def upstream_server() -> Iterator[SimulatedUpstream]:
     server.stop_in_thread()
 
 
+def _restore(server: SimulatedUpstream) -> None:
+    """No rules, records or faults; the session's latency and role-aware replies."""
+    server.reset()
+    server.latency = SIM_LATENCY_S
+    server.token_interval = 0.0
+    server.fault_rates = {}
+    server.default_reply = role_aware_reply
+
+
 @pytest.fixture
 def sim(upstream_server: SimulatedUpstream) -> Iterator[SimulatedUpstream]:
     """The shared simulated upstream, clean for this test and restored after it."""
-    upstream_server.reset()
-    upstream_server.latency = SIM_LATENCY_S
-    upstream_server.token_interval = 0.0
-    upstream_server.fault_rates = {}
-    upstream_server.default_reply = role_aware_reply
+    _restore(upstream_server)
     yield upstream_server
-    upstream_server.reset()
-    upstream_server.latency = SIM_LATENCY_S
-    upstream_server.token_interval = 0.0
-    upstream_server.fault_rates = {}
+    _restore(upstream_server)
 
 
 METRICS_PORT = free_port()
