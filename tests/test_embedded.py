@@ -93,3 +93,25 @@ def test_the_embedded_default_answers_non_stream_and_stream(embedded_service):
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+
+
+def test_the_quality_harness_runs_end_to_end_on_the_embedded_model(embedded_service, tmp_path):
+    """`bench.quality` against this service: a record per problem for every arm, the outputs
+    written. A 135M model scores near zero, so accuracy is not asserted. One profile only
+    (`--model token-killer`) keeps the run under two minutes on 2 cores."""
+    import importlib.util
+
+    from bench.quality import run as quality
+
+    results = quality.main(["--base-url", embedded_service, "--config", "configs/default.yaml",
+                            "--model", "token-killer", "--n", "3", "--levels", "1", "--concurrency", "3",
+                            "--no-append", "--out", str(tmp_path)])
+
+    problem_ids = sorted(p["id"] for p in results["problems"])
+    assert len(problem_ids) == 3 and [a["kind"] for a in results["arms"]] == ["direct", "service"]
+    for arm in results["arms"]:
+        assert sorted(r["problem_id"] for r in results["records"] if r["arm"] == arm["name"]) == problem_ids
+    assert Path(results["json_path"]).is_file()
+    if importlib.util.find_spec("matplotlib"):  # the `bench` extra; `make test` installs only `test`
+        assert Path(results["plot_path"]).is_file()
+    assert "| `token-killer` |" in results["markdown"] and "| `direct: smollm2-135m-instruct` |" in results["markdown"]
