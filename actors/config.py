@@ -2,13 +2,18 @@
 
 Loaded and validated once at start-up; every later component receives the validated
 `ServiceConfig` and never reads files or the environment again.
+
+The thinking / validation / context / fusion / economy sections at the top level are the base
+settings; each entry of `profiles` is a model name clients can ask for, with its own overrides of
+those sections. A request may override them again (`token_killer` in the body, see
+`request_settings`), within the ceilings in `limits`.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -17,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,9 +32,11 @@ DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.yaml"
 CONFIG_ENV_VAR = "TOKEN_KILLER_CONFIG"
 # Comma-separated keys clients must send as `Authorization: Bearer ...`; unset = open service.
 SERVICE_KEYS_ENV_VAR = "TOKEN_KILLER_API_KEYS"
+DEFAULT_PROFILE = "token-killer"
 
 Role = Literal["thinker", "counterexample", "voter", "summarizer", "fuser"]
 ROLES: tuple[Role, ...] = ("thinker", "counterexample", "voter", "summarizer", "fuser")
+SETTINGS_SECTIONS = ("thinking", "validation", "context", "fusion", "economy")
 
 
 class ConfigError(Exception):
@@ -40,6 +48,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ModelPrice(_Strict):
+    """USD per million tokens, as the provider bills them."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    # Prompt tokens the provider served from its prefix cache; billed as `input` when unset.
+    cached_input: float | None = Field(None, ge=0)
+
+
 class ModelConfig(_Strict):
     """One upstream model used for one role."""
 
@@ -49,6 +66,7 @@ class ModelConfig(_Strict):
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     max_tokens: int = Field(256, gt=0)
     timeout_s: float = Field(60.0, gt=0)
+    price: ModelPrice | None = None
     # Resolved from `api_key_env` at load time; never serialised into logs (SecretStr).
     api_key: SecretStr | None = None
     # Tried in order when this model keeps failing (after its retries).
@@ -58,6 +76,8 @@ class ModelConfig(_Strict):
 class ThinkingConfig(_Strict):
     num_threads: int = Field(3, ge=1, le=32)
     max_steps: int = Field(3, ge=1, le=50)
+    # Stream the thinkers' tokens as they arrive (as well as each finished step).
+    live_tokens: bool = False
 
 
 class ValidationConfig(_Strict):
@@ -70,9 +90,7 @@ class ValidationConfig(_Strict):
     @model_validator(mode="after")
     def _threshold_reachable(self) -> "ValidationConfig":
         if self.pass_threshold > self.num_voters:
-            raise ValueError(
-                f"pass_threshold ({self.pass_threshold}) exceeds num_voters ({self.num_voters})"
-            )
+            raise ValueError(f"pass_threshold ({self.pass_threshold}) exceeds num_voters ({self.num_voters})")
         return self
 
 
@@ -82,12 +100,58 @@ class ContextConfig(_Strict):
 
 
 class FusionConfig(_Strict):
-    strategy: Literal["intelligent", "concat"] = "intelligent"
+    # intelligent: the fuser model merges the threads; concat: conclusions joined, no call;
+    # majority: the conclusion most threads reached (ties: the best thread), no call.
+    strategy: Literal["intelligent", "concat", "majority"] = "intelligent"
+
+
+class EconomyConfig(_Strict):
+    """Mechanisms that spend fewer tokens; README "Spend control" says what each can change."""
+
+    # Ask a step's counterexamples (and its voters) in one upstream call with `n`.
+    n_sampling: bool = True
+    # Ask `pass_threshold` voters first, more only while the verdict is still open.
+    staged_voting: bool = True
+    # Every critic found nothing: the step passes without a vote (can change a decision).
+    skip_vote_without_counterexample: bool = True
+    # Every thread reached the same answer: `brief` fuses from the conclusions only,
+    # `no_call` answers with the agreed conclusion itself, `off` fuses as usual.
+    agreement_shortcut: Literal["off", "brief", "no_call"] = "brief"
+    # Update the middle-steps summary from the last one plus the newly evicted step.
+    incremental_summary: bool = True
+    # Stable prompt parts (the conversation, the question) first, role text last.
+    cache_friendly_prompts: bool = True
+
+    @field_validator("agreement_shortcut", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
+
+ECONOMY_OFF = {name: False for name in EconomyConfig.model_fields} | {"agreement_shortcut": "off"}
+
+
+class RunSettings(_Strict):
+    """How one request thinks: a profile's settings, with the request's overrides applied."""
+
+    thinking: ThinkingConfig = ThinkingConfig()
+    validation: ValidationConfig = ValidationConfig()
+    context: ContextConfig = ContextConfig()
+    fusion: FusionConfig = FusionConfig()
+    economy: EconomyConfig = EconomyConfig()
+    # Tokens (prompt + completion, as the upstreams report them) the request may spend.
+    budget_tokens: int | None = Field(None, gt=0)
+
+    @field_validator("economy", mode="before")
+    @classmethod
+    def _economy_off(cls, value: Any) -> Any:
+        return ECONOMY_OFF if value is False else value  # `economy: off` switches every one off
 
 
 class UpstreamConfig(_Strict):
     max_attempts: int = Field(3, ge=1, le=10)
     backoff_initial_s: float = Field(0.2, ge=0)
+    # No wait between attempts is longer, `Retry-After` included: a longer one ends the retries.
     backoff_max_s: float = Field(5.0, ge=0)
     # Size of each replica's connection pool; 0 means unlimited. Never a silent cap.
     max_connections: int = Field(0, ge=0)
@@ -106,10 +170,15 @@ class LimitsConfig(_Strict):
     deadline_s: float = Field(600.0, gt=0)
     # Time kept for fusion before the deadline.
     fusion_reserve_s: float = Field(20.0, ge=0)
+    # Ceilings on what a request's `token_killer` overrides may ask for.
+    max_threads: int = Field(8, ge=1, le=32)
+    max_steps: int = Field(12, ge=1, le=50)
+    # The token budget of a request that sets none (null: unbounded), and the most it may set.
+    budget_tokens: int | None = Field(None, gt=0)
+    max_budget_tokens: int = Field(2_000_000, gt=0)
 
 
 class ServiceConfig(_Strict):
-    served_model_name: str = "token-killer"
     prompts: str = "en"
     show_reasoning: bool = True
     # SSE comment lines during silent phases, so proxies and clients don't drop the stream.
@@ -119,10 +188,20 @@ class ServiceConfig(_Strict):
     validation: ValidationConfig = ValidationConfig()
     context: ContextConfig = ContextConfig()
     fusion: FusionConfig = FusionConfig()
+    economy: EconomyConfig = EconomyConfig()
+    # Model name -> overrides of the sections above (raw here; resolved into `profile_settings`).
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=lambda: {DEFAULT_PROFILE: {}})
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = LimitsConfig()
     # From the environment only (TOKEN_KILLER_API_KEYS), never from the YAML file.
     service_api_keys: tuple[SecretStr, ...] = Field((), exclude=True)
+    # Filled in by the validator below: each profile's complete settings.
+    profile_settings: dict[str, RunSettings] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("economy", mode="before")
+    @classmethod
+    def _economy_off(cls, value: Any) -> Any:
+        return ECONOMY_OFF if value is False else value
 
     @model_validator(mode="after")
     def _every_role_has_a_model(self) -> "ServiceConfig":
@@ -130,6 +209,74 @@ class ServiceConfig(_Strict):
         if missing:
             raise ValueError(f"models: no model configured for role(s) {', '.join(missing)}")
         return self
+
+    @model_validator(mode="after")
+    def _resolve_profiles(self) -> "ServiceConfig":
+        if not self.profiles:
+            raise ValueError("profiles: define at least one profile")
+        base = self.model_dump(include=set(SETTINGS_SECTIONS))
+        resolved = {}
+        for name, overrides in self.profiles.items():
+            if not isinstance(overrides, dict):
+                raise ValueError(f"profiles.{name}: must be a mapping of settings sections")
+            try:
+                resolved[name] = RunSettings.model_validate(merge_settings(base, overrides or {}))
+            except ValidationError as exc:
+                raise ValueError(f"profiles.{name}:\n{describe_errors(exc, prefix=f'profiles.{name}')}") from None
+        object.__setattr__(self, "profile_settings", resolved)
+        return self
+
+    @property
+    def default_profile(self) -> str:
+        return next(iter(self.profiles))
+
+
+class SettingsError(ValueError):
+    """A request's overrides cannot be used; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied section by section (one level of nesting)."""
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def request_settings(profile: RunSettings, overrides: dict[str, Any] | None, limits: LimitsConfig) -> RunSettings:
+    """A profile with a request's `token_killer` overrides, checked against the ceilings.
+
+    JSON types are strict ("3" is not a number); an unknown key, a wrong type or a value over a
+    ceiling raises SettingsError naming the field as `token_killer.<path>`.
+    """
+    if overrides is None:
+        settings = profile
+    else:
+        try:
+            settings = RunSettings.model_validate(merge_settings(profile.model_dump(), overrides), strict=True)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            path = "token_killer." + ".".join(str(p) for p in error["loc"])
+            raise SettingsError(f"Invalid value for '{path}': {error['msg']}.", path) from None
+    if settings.budget_tokens is None and limits.budget_tokens is not None:
+        settings = settings.model_copy(update={"budget_tokens": limits.budget_tokens})
+    ceilings = (
+        ("thinking.num_threads", settings.thinking.num_threads, limits.max_threads),
+        ("thinking.max_steps", settings.thinking.max_steps, limits.max_steps),
+        ("budget_tokens", settings.budget_tokens or 0, limits.max_budget_tokens),
+    )
+    for name, value, ceiling in ceilings:
+        if overrides is not None and value > ceiling:
+            path = f"token_killer.{name}"
+            raise SettingsError(f"'{path}' is {value}; this service allows at most {ceiling}.", path)
+    return settings
 
 
 class _EnvSettings(BaseSettings):
@@ -160,12 +307,13 @@ def load_config(path: str | Path | None = None, env_file: str | Path | None = No
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    if "service_api_keys" in raw:
-        raise ConfigError(f"invalid config {path}: service_api_keys: set {SERVICE_KEYS_ENV_VAR} in the environment")
+    for forbidden in ("service_api_keys", "profile_settings"):
+        if forbidden in raw:
+            raise ConfigError(f"invalid config {path}: {forbidden}: not a config key")
     try:
         config = ServiceConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"invalid config {path}:\n{_describe(exc)}") from exc
+        raise ConfigError(f"invalid config {path}:\n{describe_errors(exc)}") from exc
     env = _env_values(env_file)
     return _with_api_keys(config, env, path)
 
@@ -200,9 +348,9 @@ def _with_api_keys(config: ServiceConfig, env: dict[str, str], path: Path) -> Se
     return config.model_copy(update={"models": models, "service_api_keys": tuple(keys)})
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_errors(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for error in exc.errors():
-        location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        location = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "") or "(top level)"
         lines.append(f"  {location}: {error['msg']}")
     return "\n".join(lines)

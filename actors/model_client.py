@@ -1,17 +1,20 @@
 """The one upstream client every role uses: an OpenAI-compatible chat call with honest usage.
 
-It runs on the replica's persistent `aiohttp.ClientSession` (never one per call) and retries only
-what retrying can fix — connection errors, timeouts, 429 and 5xx, malformed bodies — with
-exponential backoff that never undercuts the upstream's `Retry-After`. Every call's `usage`, as
-the upstream reported it, is recorded in the caller's `UsageLedger`.
+It runs on the replica's persistent `aiohttp.ClientSession` (never one per call). An attempt that
+succeeds does no retry bookkeeping: the body is serialised once per call, the headers are built
+once per model. Only what retrying can fix is retried — connection errors, timeouts, 429, 5xx,
+malformed bodies — with exponential backoff; a `Retry-After` is waited out in full when it fits
+within `backoff_max_s`, and a retry that cannot finish before the caller's deadline is not made.
+Each call's `usage`, as the upstream reported it, goes into the caller's `UsageLedger`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -19,13 +22,6 @@ from typing import Any, Protocol
 
 import aiohttp
 import structlog
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
 
 from actors.config import ModelConfig, ServiceConfig, UpstreamConfig
 from actors.schemas import UsageLedger
@@ -34,6 +30,13 @@ log = structlog.get_logger(__name__)
 
 REQUEST_TAG_HEADER = "X-Request-Tag"
 CALL_ID_HEADER = "X-Call-Id"
+# Tokens per character of prompt text until an upstream has told us better: on the high side
+# (English runs near 0.25), so a budget is not overrun before the first answer calibrates it.
+DEFAULT_TOKENS_PER_CHAR = 0.4
+
+Messages = list[dict[str, Any]]
+_call_ids = itertools.count()
+_CALL_PREFIX = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
 
 
 class CallObserver(Protocol):
@@ -42,23 +45,8 @@ class CallObserver(Protocol):
     def upstream_attempt(self, role: str, outcome: str, seconds: float) -> None: ...
 
 
-def attempt_outcome(exc: BaseException | None) -> str:
-    """A short label for how one attempt ended: ok, http_429, http_5xx, timeout, ..."""
-    if exc is None:
-        return "ok"
-    if isinstance(exc, UpstreamError):
-        if exc.status is None:
-            return "malformed"
-        return "http_429" if exc.status == 429 else f"http_{exc.status // 100}xx"
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled"
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timeout"
-    return "connection"
-
-
 class UpstreamError(Exception):
-    """An upstream call failed. The message is a summary, never the raw body or the key."""
+    """An upstream call failed. The message is a summary: never the raw body, a host or a key."""
 
     def __init__(
         self,
@@ -71,12 +59,64 @@ class UpstreamError(Exception):
     ) -> None:
         super().__init__(f"{role} upstream: {message}")
         self.role = role
+        self.message = message
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
 
+    def __reduce__(self):  # picklable across replicas despite the keyword arguments
+        return (self.__class__, (self.role, self.message), self.__dict__)
 
-def _is_retryable(exc: BaseException) -> bool:
+
+class DeadlineReached(Exception):
+    """The caller's deadline came: before the call was sent (`sent` False) or while it ran."""
+
+    def __init__(self, message: str, *, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+    def __reduce__(self):
+        return (self.__class__, (str(self),), {"sent": self.sent})
+
+
+@dataclass(slots=True)
+class StreamPiece:
+    """One event of a streamed answer that carries something for the client."""
+
+    text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """A summary safe to show a client: ours for UpstreamError, else only the exception type
+    (a connection error's text names the upstream's host and port)."""
+    if exc is None:
+        return ""
+    if isinstance(exc, UpstreamError):
+        return str(exc)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    return type(exc).__name__
+
+
+def attempt_outcome(exc: BaseException | None) -> str:
+    """A short label for how one attempt ended: ok, http_429, http_5xx, timeout, ..."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, UpstreamError):
+        if exc.status is None:
+            return "malformed"
+        return "http_429" if exc.status == 429 else f"http_{exc.status // 100}xx"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    return "connection"
+
+
+def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, UpstreamError):
         return exc.retryable
     return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError))
@@ -103,7 +143,7 @@ def open_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
     what capped the original at about 10 req/s.
     """
     connector = aiohttp.TCPConnector(limit=upstream.max_connections, limit_per_host=0)
-    return aiohttp.ClientSession(connector=connector)
+    return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
 
 
 def role_clients(
@@ -114,18 +154,37 @@ def role_clients(
     }
 
 
-@dataclass(frozen=True)
-class _Endpoint:
-    model: ModelConfig
-    url: str
-    headers: dict[str, str]
+def prompt_chars(messages: Messages) -> int:
+    return sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
 
-    @classmethod
-    def of(cls, model: ModelConfig) -> "_Endpoint":
-        headers = {"Content-Type": "application/json"}
+
+class _Endpoint:
+    """One model of a role (the configured one or a fallback), with what every call reuses."""
+
+    __slots__ = ("model", "url", "headers", "payload", "timeout", "stream_timeout", "supports_n", "latency_s")
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.model = model
+        self.url = model.base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"Content-Type": "application/json"}
         if model.api_key is not None:
-            headers["Authorization"] = f"Bearer {model.api_key.get_secret_value()}"
-        return cls(model, model.base_url.rstrip("/") + "/chat/completions", headers)
+            self.headers["Authorization"] = f"Bearer {model.api_key.get_secret_value()}"
+        self.payload = {"model": model.model, "temperature": model.temperature, "max_tokens": model.max_tokens}
+        self.timeout = aiohttp.ClientTimeout(total=model.timeout_s)
+        # A long answer may stream for longer than one call's budget: bound the gaps instead.
+        self.stream_timeout = aiohttp.ClientTimeout(sock_connect=model.timeout_s, sock_read=model.timeout_s)
+        self.supports_n: bool | None = None  # unknown until an answer tells
+        self.latency_s = 0.0  # recent successful call time, to judge whether a retry can finish
+
+    def __repr__(self) -> str:  # never the headers: they hold the key
+        return f"_Endpoint({self.model.model!r})"
+
+    def cost(self, prompt: int, completion: int, cached: int) -> float:
+        price = self.model.price
+        if price is None:
+            return 0.0
+        cached_price = price.input if price.cached_input is None else price.cached_input
+        return ((prompt - cached) * price.input + cached * cached_price + completion * price.output) / 1e6
 
 
 class ModelClient:
@@ -144,196 +203,296 @@ class ModelClient:
         self.model = model
         self.upstream = upstream
         self.observer = observer
-        self.endpoints = [_Endpoint.of(m) for m in (model, *model.fallbacks)]
-        self._backoff = wait_exponential(
-            multiplier=upstream.backoff_initial_s, max=upstream.backoff_max_s
-        )
+        self.endpoints = [_Endpoint(m) for m in (model, *model.fallbacks)]
+        self.tokens_per_char = DEFAULT_TOKENS_PER_CHAR
+        self._calibrated = False
+
+    # --- what roles call ------------------------------------------------------------------
 
     async def complete(
-        self, messages: list[dict[str, str]], usage: UsageLedger, *, tag: str = "", max_tokens: int | None = None
+        self,
+        messages: Messages,
+        usage: UsageLedger,
+        *,
+        tag: str = "",
+        deadline: float | None = None,
+        max_tokens: int | None = None,
     ) -> str:
-        """One chat completion; returns the text and records the reported usage."""
-        started = time.monotonic()
-        try:
-            body = await self._call(self._post_json, messages, False, tag, max_tokens)
-        except BaseException:
-            usage.record_failure(self.role, time.monotonic() - started)
-            raise
-        text, prompt_tokens, completion_tokens = self._read_completion(body)
-        usage.record(self.role, prompt_tokens, completion_tokens, time.monotonic() - started)
-        return text
+        """One chat completion; returns its text and records the reported usage."""
+        return (await self._complete(messages, usage, tag, deadline, max_tokens, 1))[0]
+
+    async def sample(
+        self,
+        messages: Messages,
+        usage: UsageLedger,
+        n: int,
+        *,
+        tag: str = "",
+        deadline: float | None = None,
+        one_call: bool = True,
+    ) -> list[str]:
+        """`n` answers to one prompt: with `one_call`, one upstream call with `n` (the prompt is
+        billed once); an upstream that returns fewer is made up with separate calls and not asked
+        again. Answers of failed calls are missing; if every call failed, the last error raises.
+        """
+        if n == 1 or not one_call or self.endpoints[0].supports_n is False:
+            return await self._separately(messages, usage, n, tag, deadline)
+        texts = await self._complete(messages, usage, tag, deadline, None, n)
+        if len(texts) < n:
+            self.endpoints[0].supports_n = False
+            log.info("upstream_ignores_n", role=self.role, model=self.model.model, asked=n, got=len(texts))
+            texts += await self._separately(messages, usage, n - len(texts), tag, deadline)
+        else:
+            self.endpoints[0].supports_n = True
+        return texts
 
     async def stream(
-        self, messages: list[dict[str, str]], usage: UsageLedger, *, tag: str = ""
-    ) -> AsyncIterator[str]:
-        """Stream the answer's text deltas as they arrive; usage is recorded at the end.
+        self,
+        messages: Messages,
+        usage: UsageLedger,
+        *,
+        tag: str = "",
+        params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[StreamPiece]:
+        """Stream the answer as it arrives; usage is recorded at the end.
 
-        Opening the stream is retried (and falls back); once text has been relayed a failure is
-        final, since a retry would repeat tokens the caller has already passed on.
+        `params` are extra request fields (the client's sampling and shaping fields, which win
+        over the configured ones). A failure before anything was yielded is retried like any
+        other call (and falls back); once pieces are out it raises, since a retry would repeat
+        what the caller has already passed on. The caller bounds the total time.
         """
         started = time.monotonic()
-        prompt_tokens = completion_tokens = 0
+        reported: dict[str, Any] = {}
+        endpoint: _Endpoint | None = None
         try:
-            response = await self._call(self._open_stream, messages, True, tag, None)
+            extra = {**(params or {}), "stream": True, "stream_options": {"include_usage": True}}
+            endpoint, (response, first) = await self._call(
+                messages, tag, None, extra, 1, self._open_stream, reported=reported
+            )
             async with response:
-                async for data in _sse_data(response):
-                    try:
-                        event = json.loads(data)
-                    except json.JSONDecodeError as exc:
-                        raise UpstreamError(self.role, "malformed stream event") from exc
-                    if isinstance(event, dict) and event.get("error"):
-                        raise UpstreamError(self.role, "error event in stream")
-                    reported = event.get("usage") if isinstance(event, dict) else None
-                    if reported:
-                        prompt_tokens = int(reported.get("prompt_tokens") or 0)
-                        completion_tokens = int(reported.get("completion_tokens") or 0)
-                    for choice in event.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield text
+                for piece in first:
+                    yield piece
+                async for piece in self._pieces(response, reported):
+                    yield piece
+        except (asyncio.CancelledError, GeneratorExit):
+            usage.record_aborted(self.role, time.monotonic() - started)
+            raise
         except BaseException:
             usage.record_failure(self.role, time.monotonic() - started)
             raise
-        usage.record(self.role, prompt_tokens, completion_tokens, time.monotonic() - started)
+        self._record(usage, endpoint, reported, started, 0)
 
-    # --- internals -------------------------------------------------------------------------
+    def estimate_prompt(self, messages: Messages) -> int:
+        """Prompt tokens a call would be billed, from what earlier answers reported."""
+        return int(prompt_chars(messages) * self.tokens_per_char) + 8
 
-    async def _call(self, send, messages, stream: bool, tag: str, max_tokens: int | None):
+    # --- internals ------------------------------------------------------------------------
+
+    async def _complete(
+        self, messages: Messages, usage: UsageLedger, tag: str, deadline: float | None, max_tokens: int | None, n: int
+    ) -> list[str]:
+        started = time.monotonic()
+        extra = {"max_tokens": max_tokens} if max_tokens else None
+        try:
+            endpoint, body = await self._call(messages, tag, deadline, extra, n, self._post_json)
+        except asyncio.CancelledError:
+            usage.record_aborted(self.role, time.monotonic() - started)
+            raise
+        except DeadlineReached as exc:
+            if exc.sent:
+                usage.record_aborted(self.role, time.monotonic() - started)
+            raise
+        except BaseException:
+            usage.record_failure(self.role, time.monotonic() - started)
+            raise
+        try:
+            texts = [(choice["message"].get("content") or "") for choice in body["choices"]]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamError(self.role, "response has no choices[].message") from exc
+        if not texts:
+            raise UpstreamError(self.role, "response has no choices")
+        self._record(usage, endpoint, body.get("usage") or {}, started, prompt_chars(messages))
+        return texts
+
+    async def _separately(
+        self, messages: Messages, usage: UsageLedger, n: int, tag: str, deadline: float | None
+    ) -> list[str]:
+        if n == 1:
+            return [await self.complete(messages, usage, tag=tag, deadline=deadline)]
+        results = await asyncio.gather(
+            *(self.complete(messages, usage, tag=tag, deadline=deadline) for _ in range(n)), return_exceptions=True
+        )
+        texts = [r for r in results if isinstance(r, str)]
+        errors = [r for r in results if not isinstance(r, str)]
+        for error in errors:
+            if isinstance(error, asyncio.CancelledError):
+                raise error
+        if not texts and errors:
+            raise errors[-1]
+        for error in errors:
+            log.warning("upstream_call_failed", role=self.role, error=describe_error(error))
+        return texts
+
+    def _record(self, usage: UsageLedger, endpoint: _Endpoint, reported: dict, started: float, chars: int) -> None:
+        seconds = time.monotonic() - started
+        if not reported:
+            log.warning("upstream_usage_missing", role=self.role, model=endpoint.model.model)
+        prompt = int(reported.get("prompt_tokens") or 0)
+        completion = int(reported.get("completion_tokens") or 0)
+        details = reported.get("prompt_tokens_details") or {}
+        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        usage.record(self.role, prompt, completion, cached, endpoint.cost(prompt, completion, cached), seconds)
+        endpoint.latency_s = seconds if not endpoint.latency_s else 0.8 * endpoint.latency_s + 0.2 * seconds
+        if chars and prompt:
+            ratio = prompt / chars
+            # Learn fast upwards (an underestimate could overrun a budget), slowly downwards.
+            if not self._calibrated or ratio > self.tokens_per_char:
+                self.tokens_per_char = ratio
+            else:
+                self.tokens_per_char = 0.9 * self.tokens_per_char + 0.1 * ratio
+            self._calibrated = True
+
+    async def _call(self, messages, tag, deadline, extra, n, send, **kwargs):
         """Each endpoint in turn, each with its retries; the last endpoint's error is raised."""
         # One id for every attempt of this call, so upstream logs (and tests) can tell retries.
-        headers = {REQUEST_TAG_HEADER: tag, CALL_ID_HEADER: uuid.uuid4().hex}
+        headers = {REQUEST_TAG_HEADER: tag, CALL_ID_HEADER: f"{_CALL_PREFIX}{next(_call_ids)}"}
+        last = len(self.endpoints) - 1
         for number, endpoint in enumerate(self.endpoints):
-            payload = {
-                "model": endpoint.model.model,
-                "messages": messages,
-                "temperature": endpoint.model.temperature,
-                "max_tokens": max_tokens or endpoint.model.max_tokens,
-                "stream": stream,
-            }
-            if stream:
-                payload["stream_options"] = {"include_usage": True}
+            payload = {**endpoint.payload, "messages": messages}
+            if n > 1:
+                payload["n"] = n
+            if extra:
+                payload.update(extra)
+            body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
             try:
-                return await self._retrying(send, endpoint, payload, headers)
+                result = await self._attempts(send, endpoint, body, {**endpoint.headers, **headers}, deadline, **kwargs)
+                return endpoint, result
+            except (asyncio.CancelledError, DeadlineReached):
+                raise
             except Exception as exc:
-                if number + 1 == len(self.endpoints):
+                if number == last:
                     raise
                 log.warning(
                     "upstream_fallback",
                     role=self.role,
                     failed_model=endpoint.model.model,
                     next_model=self.endpoints[number + 1].model.model,
-                    error=_describe(exc),
+                    error=describe_error(exc),
                 )
         raise AssertionError("unreachable: there is always one endpoint")
 
-    async def _retrying(self, send, endpoint: _Endpoint, payload: dict[str, Any], headers: dict[str, str]):
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(self.upstream.max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception(_is_retryable),
-            before_sleep=self._log_retry,
-            reraise=True,
-        ):
-            with attempt:
-                return await self._observed(send(endpoint, payload, {**endpoint.headers, **headers}))
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+    async def _attempts(self, send, endpoint: _Endpoint, body: bytes, headers, deadline, **kwargs):
+        attempt = 1
+        while True:
+            timeout = None
+            if deadline is not None:
+                left = deadline - time.time()
+                if left <= 0:
+                    raise DeadlineReached(f"{self.role} upstream: no time left before the deadline", sent=False)
+                if left < endpoint.model.timeout_s:
+                    timeout = aiohttp.ClientTimeout(total=left)
+            started = time.monotonic()
+            try:
+                result = await send(endpoint, body, headers, timeout, **kwargs)
+            except BaseException as exc:
+                self._observe(exc, started)
+                if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and timeout is not None:
+                    raise DeadlineReached(f"{self.role} upstream: cut at the deadline", sent=True) from None
+                wait = self._retry_wait(exc, attempt, endpoint, deadline)
+                if wait is None:
+                    raise
+                log.warning(
+                    "upstream_retry", role=self.role, attempt=attempt, wait_s=round(wait, 3), error=describe_error(exc)
+                )
+                await asyncio.sleep(wait)
+                attempt += 1
+                continue
+            self._observe(None, started)
+            return result
 
-    async def _observed(self, attempt):
-        if self.observer is None:
-            return await attempt
-        started = time.monotonic()
-        error: BaseException | None = None
-        try:
-            return await attempt
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.observer.upstream_attempt(self.role, attempt_outcome(error), time.monotonic() - started)
-
-    def _wait(self, state: RetryCallState) -> float:
-        backoff = self._backoff(state)
-        exc = state.outcome.exception() if state.outcome else None
+    def _retry_wait(self, exc: BaseException, attempt: int, endpoint: _Endpoint, deadline: float | None) -> float | None:
+        """Seconds to wait before the next attempt, or None when retrying cannot help or fit."""
+        if attempt >= self.upstream.max_attempts or not isinstance(exc, Exception) or not _retryable(exc):
+            return None
+        backoff = min(self.upstream.backoff_initial_s * 2 ** (attempt - 1), self.upstream.backoff_max_s)
         retry_after = getattr(exc, "retry_after", None)
-        return max(backoff, retry_after) if retry_after is not None else backoff
+        if retry_after is not None:
+            if retry_after > self.upstream.backoff_max_s:
+                return None  # never sooner than the upstream asked, never longer than configured
+            backoff = max(backoff, retry_after)
+        if deadline is not None and time.time() + backoff + endpoint.latency_s >= deadline:
+            return None
+        return backoff
 
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "upstream_retry",
-            role=self.role,
-            attempt=state.attempt_number,
-            wait_s=round(state.next_action.sleep, 3) if state.next_action else None,
-            error=_describe(exc),
-        )
+    def _observe(self, exc: BaseException | None, started: float) -> None:
+        if self.observer is not None:
+            self.observer.upstream_attempt(self.role, attempt_outcome(exc), time.monotonic() - started)
 
-    @staticmethod
-    def _timeout(endpoint: _Endpoint, stream: bool) -> aiohttp.ClientTimeout:
-        limit = endpoint.model.timeout_s
-        if stream:  # a long answer may stream for longer than one call's budget: bound the gaps
-            return aiohttp.ClientTimeout(sock_connect=limit, sock_read=limit)
-        return aiohttp.ClientTimeout(total=limit)
-
-    async def _post_json(self, endpoint: _Endpoint, payload: dict[str, Any], headers: dict[str, str]) -> Any:
+    async def _post_json(self, endpoint: _Endpoint, body: bytes, headers, timeout) -> Any:
         async with self.session.post(
-            endpoint.url, json=payload, headers=headers, timeout=self._timeout(endpoint, False)
+            endpoint.url, data=body, headers=headers, timeout=timeout or endpoint.timeout
         ) as response:
-            await self._raise_for_status(response)
+            if response.status >= 400:
+                raise await self._status_error(response)
             raw = await response.read()
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UpstreamError(self.role, "malformed response body (not JSON)", retryable=True) from exc
 
-    async def _open_stream(
-        self, endpoint: _Endpoint, payload: dict[str, Any], headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
-        response = await self.session.post(
-            endpoint.url, json=payload, headers=headers, timeout=self._timeout(endpoint, True)
-        )
+    async def _open_stream(self, endpoint: _Endpoint, body: bytes, headers, timeout, *, reported: dict):
+        """Open the stream and read up to its first piece: a failure until then can be retried."""
+        response = await self.session.post(endpoint.url, data=body, headers=headers, timeout=endpoint.stream_timeout)
         try:
-            await self._raise_for_status(response)
+            if response.status >= 400:
+                raise await self._status_error(response)
+            first: list[StreamPiece] = []
+            async for piece in self._pieces(response, reported):
+                first.append(piece)
+                if piece.text or piece.tool_calls:
+                    break
         except BaseException:
             response.release()
             raise
-        return response
+        return response, first
 
-    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
-        if response.status < 400:
-            return
+    async def _pieces(self, response: aiohttp.ClientResponse, reported: dict) -> AsyncIterator[StreamPiece]:
+        """The pieces of an SSE answer up to `[DONE]`; the usage event goes into `reported`."""
+        async for raw_line in response.content:
+            if not raw_line.startswith(b"data:"):
+                continue  # blank separators, comments (keepalives), event names
+            data = raw_line[5:].strip()
+            if data == b"[DONE]":
+                return
+            try:
+                event = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UpstreamError(self.role, "malformed stream event", retryable=True) from exc
+            if not isinstance(event, dict):
+                raise UpstreamError(self.role, "malformed stream event", retryable=True)
+            if event.get("error"):
+                raise UpstreamError(self.role, "error event in stream", retryable=True)
+            if event.get("usage"):
+                reported.update(event["usage"])
+            for choice in event.get("choices") or ():
+                delta = choice.get("delta") or {}
+                logprobs = (choice.get("logprobs") or {}).get("content")
+                piece = StreamPiece(
+                    delta.get("content") or "", delta.get("tool_calls"), logprobs, choice.get("finish_reason")
+                )
+                if piece.text or piece.tool_calls or piece.logprobs or piece.finish_reason:
+                    yield piece
+
+    async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamError:
         detail = await _error_summary(response)
         status = response.status
-        retryable = status == 429 or status >= 500 or status == 408
-        raise UpstreamError(
+        return UpstreamError(
             self.role,
             f"HTTP {status}{' ' + detail if detail else ''}",
             status=status,
-            retryable=retryable,
+            retryable=status == 429 or status >= 500 or status == 408,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
-
-    def _read_completion(self, body: Any) -> tuple[str, int, int]:
-        try:
-            choice = body["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise UpstreamError(self.role, "response has no choices[0].message") from exc
-        reported = body.get("usage") or {}
-        if not reported:
-            log.warning("upstream_usage_missing", role=self.role, model=self.model.model)
-        return text, int(reported.get("prompt_tokens") or 0), int(reported.get("completion_tokens") or 0)
-
-
-async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The `data:` payloads of an SSE response, up to `[DONE]`."""
-    async for raw_line in response.content:
-        line = raw_line.decode("utf-8", errors="replace").strip()
-        if not line.startswith("data:"):
-            continue  # blank separators, comments (keepalives), event names
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        yield data
 
 
 async def _error_summary(response: aiohttp.ClientResponse) -> str:
@@ -348,11 +507,3 @@ async def _error_summary(response: aiohttp.ClientResponse) -> str:
         return ""
     parts = [str(error[k])[:60] for k in ("type", "code") if isinstance(error.get(k), (str, int))]
     return "(" + ", ".join(parts) + ")" if parts else ""
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    if isinstance(exc, UpstreamError):
-        return str(exc)
-    return type(exc).__name__

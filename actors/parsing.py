@@ -62,3 +62,31 @@ def parse_vote(text: str) -> Vote:
     if match is None:
         return Vote.ABSTAIN
     return Vote.COUNTEREXAMPLE if match.group("counter") else Vote.STEP
+
+
+_NO_COUNTEREXAMPLE = re.compile(
+    r"^\W*(?:none|no\s+counter[\s_-]*examples?|no\s+(?:error|errors|issue|issues|problem)s?\b|"
+    r"nothing\s+found|无|没有|未发现)",
+    re.IGNORECASE,
+)
+
+
+def found_counterexample(text: str) -> bool:
+    """Whether a critic raised something. "NONE" (however decorated) means it found nothing."""
+    body = re.sub(r"^\W*(?:counter[\s_-]*example|反例)\s*[:：]\s*", "", text.strip(), flags=re.IGNORECASE)
+    return not (_NO_COUNTEREXAMPLE.match(text.strip()) or _NO_COUNTEREXAMPLE.match(body))
+
+
+_ANSWER = re.compile(r"(?<![A-Za-z])(?:final\s+)?(?:answer|答案)\**\s*[:：]\s*(?P<answer>[^\n]+)", re.IGNORECASE)
+
+
+def final_answer(text: str) -> str | None:
+    """The answer a step states as "ANSWER: ...", normalized for comparison; None if none."""
+    matches = list(_ANSWER.finditer(text))
+    if not matches:
+        return None
+    answer = _MARKER.sub("", matches[-1].group("answer"))
+    answer = re.sub(r"[*_`\"'“”]", "", answer).strip().rstrip(".。!！").strip()
+    answer = re.sub(r"\s+", " ", answer).casefold()
+    answer = re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer)  # 1,000 and 1000 are one answer
+    return answer or None

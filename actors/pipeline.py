@@ -1,11 +1,14 @@
-"""One deep-thinking request: threads in parallel, then fusion, as one stream of events.
+"""One deep-thinking request: its threads' thinking, then fusion, as one stream of events.
 
-The pipeline knows nothing of Ray or HTTP. It receives two callables — run a thread (an async
-iterator of `StepEvent`s) and fuse (an async iterator of `FusionDelta`s) — which the ingress binds
-to deployment handles and the unit tests bind to the role classes directly.
+The pipeline knows nothing of Ray or HTTP. It receives two callables — `think` (an async iterator
+of `ThinkUpdate`s for every thread of the request) and `fuse` (an async iterator of
+`FusionDelta`s) — which the ingress binds to deployment handles and the unit tests bind to the
+role classes directly.
 
-Events come out in the order they happen across threads, so a caller can stream reasoning live.
-Leaving the iteration early (a client disconnect) cancels every thread still running.
+Deadlines and usage: thinking stops itself at `stop_at` and reports every token it spent; the
+pipeline only cuts a stream that overruns its own deadline by `GRACE_S` (a lost replica), and
+counts that work as aborted. Leaving the iteration early (a client disconnect) cancels everything
+still running.
 """
 
 from __future__ import annotations
@@ -17,12 +20,22 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from actors.config import RunSettings
+from actors.fusion import FusionBroken, FusionUnavailable, best_thread_answer
 from actors.schemas import (
+    AnswerSpec,
     Conversation,
     FusionDelta,
     FusionJob,
-    StepEvent,
-    ThreadJob,
+    Skipped,
+    Step,
+    StepChecked,
+    StepDropped,
+    StepWritten,
+    ThinkEvent,
+    ThinkJob,
+    ThinkUpdate,
+    ThreadEnded,
     ThreadResult,
     UsageLedger,
     VerdictStatus,
@@ -30,23 +43,29 @@ from actors.schemas import (
 
 log = structlog.get_logger(__name__)
 
-RunThread = Callable[[ThreadJob], AsyncIterator[StepEvent]]
+Think = Callable[[ThinkJob], AsyncIterator[ThinkUpdate]]
 Fuse = Callable[[FusionJob], AsyncIterator[FusionDelta]]
 
+# How long past its own deadline a stage may take to report before it is cut from here.
+GRACE_S = 1.0
 
-class AllThreadsFailed(Exception):
-    """No thread produced a step; the message names the cause, `errors` holds each thread's."""
 
-    def __init__(self, message: str, errors: list[BaseException], deadline: bool = False) -> None:
+class NothingToFuse(Exception):
+    """No thread produced a step; the message names the cause."""
+
+    def __init__(self, message: str, *, deadline: bool = False, capacity: bool = False) -> None:
         super().__init__(message)
-        self.errors = errors
-        self.deadline = deadline  # the deadline came before any step finished
+        self.deadline = deadline  # the deadline came before any step was written
+        self.capacity = capacity  # our own replicas were lost or saturated, not the upstreams
 
 
-@dataclass
-class ThreadFailure:
-    thread_index: int
-    error: str
+class StageLost(Exception):
+    """A Thinker or Fuser replica was lost or refused the work after it had started reporting;
+    raised by the handle bindings, carrying the cause for the log."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(type(cause).__name__)
+        self.cause = cause
 
 
 @dataclass
@@ -55,123 +74,185 @@ class RunStats:
 
     usage: UsageLedger = field(default_factory=UsageLedger)
     threads_kept: int = 0
-    threads_failed: list[ThreadFailure] = field(default_factory=list)
+    threads_failed: dict[int, str] = field(default_factory=dict)
     steps_validated: int = 0
     steps_failed: int = 0
     steps_revised: int = 0
-    fusion_fallback_thread: int | None = None
+    steps_flagged: int = 0
+    steps_unchallenged: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    fusion: FusionDelta | None = None  # the final delta: mode, thread, reason, finish
     thinking_s: float = 0.0
     fusion_s: float = 0.0
+    thinking_cut: bool = False
 
 
-@dataclass
-class _ThreadEnded:
-    thread_index: int
-    error: BaseException | None
+@dataclass(frozen=True)
+class RunPlan:
+    request_id: str
+    conversation: Conversation
+    settings: RunSettings
+    answer: AnswerSpec
+    deadline: float  # time.time()
+    thinking_stop_at: float  # time.time()
+    fusion_budget_tokens: int | None  # kept aside from the budget for fusion; None: unbounded
+    can_restart_fusion: bool
 
 
 class DeepThinkingRun:
-    def __init__(
-        self,
-        request_id: str,
-        conversation: Conversation,
-        num_threads: int,
-        run_thread: RunThread,
-        fuse: Fuse,
-        thinking_deadline: float | None = None,
-    ) -> None:
-        self.request_id = request_id
-        self.conversation = conversation
-        self.num_threads = num_threads
-        self.run_thread = run_thread
+    def __init__(self, plan: RunPlan, think: Think, fuse: Fuse) -> None:
+        self.plan = plan
+        self.think = think
         self.fuse = fuse
-        # Wall-clock time (time.time()) at which thinking stops and fusion starts regardless.
-        self.thinking_deadline = thinking_deadline
         self.stats = RunStats()
 
-    async def events(self) -> AsyncIterator[StepEvent | FusionDelta]:
+    async def events(self) -> AsyncIterator[ThinkEvent | FusionDelta]:
+        plan = self.plan
         started = time.monotonic()
-        steps: dict[int, list] = {i: [] for i in range(self.num_threads)}
-        failed: set[int] = set()
-        queue: asyncio.Queue[StepEvent | _ThreadEnded] = asyncio.Queue()
-        errors: list[BaseException] = []
-        pumps = [
-            asyncio.ensure_future(
-                self._pump(ThreadJob(self.request_id, i, self.conversation, self.thinking_deadline), queue)
-            )
-            for i in range(self.num_threads)
-        ]
-        cut_short = False
-        try:
-            running = self.num_threads
-            while running:
-                try:
-                    item = await asyncio.wait_for(queue.get(), self._until_deadline())
-                except asyncio.TimeoutError:
-                    cut_short = True  # threads still running are stopped; fuse what exists
-                    log.warning("thinking_deadline_reached", request_id=self.request_id, running=running)
-                    break
-                if isinstance(item, _ThreadEnded):
-                    running -= 1
-                    if item.error is not None:
-                        failed.add(item.thread_index)
-                        errors.append(item.error)
-                        self._thread_failed(item)
-                    continue
-                self._count(item)
-                if not item.rejected:
-                    steps[item.thread_index].append(item.step)
-                yield item
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-        self.stats.thinking_s = time.monotonic() - started
-
-        kept = tuple(
-            ThreadResult(i, s) for i, s in steps.items() if s and i not in failed
+        budget = plan.settings.budget_tokens
+        job = ThinkJob(
+            plan.request_id,
+            plan.conversation,
+            plan.settings,
+            stop_at=plan.thinking_stop_at,
+            budget_tokens=None if budget is None else budget - (plan.fusion_budget_tokens or 0),
         )
-        self.stats.threads_kept = len(kept)
-        if not kept:
-            if cut_short:
-                raise AllThreadsFailed("the request deadline came before any reasoning step finished", errors, True)
-            causes = "; ".join(f.error for f in self.stats.threads_failed) or "no steps produced"
-            raise AllThreadsFailed(f"every reasoning thread failed: {causes}", errors)
-
-        started = time.monotonic()
-        async for delta in self.fuse(FusionJob(self.request_id, self.conversation, kept)):
-            if delta.usage is not None:
-                self.stats.usage.merge(delta.usage)
-            if delta.fallback_from_thread is not None:
-                self.stats.fusion_fallback_thread = delta.fallback_from_thread
-            yield delta
-        self.stats.fusion_s = time.monotonic() - started
-
-    def _until_deadline(self) -> float | None:
-        if self.thinking_deadline is None:
-            return None
-        return max(0.0, self.thinking_deadline - time.time())
-
-    async def _pump(self, job: ThreadJob, queue: asyncio.Queue) -> None:
+        results: dict[int, ThreadResult] = {}
+        partial = _PartialThreads()
         error: BaseException | None = None
         try:
-            async for event in self.run_thread(job):
-                queue.put_nowait(event)
-        except asyncio.CancelledError:
+            async for update in _within(self.think(job), plan.thinking_stop_at + GRACE_S):
+                self.stats.usage.merge(update.usage)
+                for event in update.events:
+                    self._count(event)
+                    partial.see(event)
+                    if isinstance(event, ThreadEnded):
+                        results[event.result.thread] = event.result
+                    yield event
+        except TimeoutError:
+            self.stats.thinking_cut = True
+            self.stats.usage.record_aborted("thinker", 0.0)
+            log.warning("thinking_overran_its_deadline", request_id=plan.request_id)
+        except StageLost as exc:
+            error = exc.cause
+            log.warning("thinker_lost_midway_fusing_what_arrived", error=type(exc.cause).__name__)
+        except Exception as exc:
+            if not partial.threads:
+                raise
+            # A Thinker that failed unexpectedly after reporting steps: fuse what arrived.
+            log.error("thinking_failed_fusing_what_arrived", exc_info=exc)
+        self.stats.thinking_s = time.monotonic() - started
+
+        threads = tuple(results.get(i) or partial.result(i) for i in sorted(set(results) | partial.threads))
+        kept = tuple(t for t in threads if t.steps)
+        self.stats.threads_kept = len(kept)
+        if not kept:
+            raise self._nothing_to_fuse(threads, error)
+
+        started = time.monotonic()
+        fusion = FusionJob(
+            plan.request_id,
+            plan.conversation,
+            kept,
+            plan.settings,
+            plan.answer,
+            deadline=plan.deadline,
+            budget_tokens=None if budget is None else max(0, budget - self.stats.usage.total_tokens),
+            can_restart=plan.can_restart_fusion,
+        )
+        said = False
+        try:
+            async for delta in _within(self.fuse(fusion), plan.deadline + GRACE_S):
+                said = said or bool(delta.text or delta.tool_calls)
+                if delta.final:
+                    self.stats.usage.merge(delta.usage)
+                    self.stats.fusion = delta
+                yield delta
+        except TimeoutError:
+            self.stats.usage.record_aborted("fuser", 0.0)
+            yield self._fused(FusionDelta(finish_reason="length", final=True, mode="fused", reason="deadline"))
+        except (FusionBroken, FusionUnavailable):
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed thread is dropped, not fatal
-            error = exc
-        queue.put_nowait(_ThreadEnded(job.thread_index, error))
+        except Exception as exc:
+            # The Fuser replica was lost (the call was retried on another replica while nothing
+            # had been said) or failed unexpectedly: degrade to the best thread, unless part of
+            # the answer is already out.
+            if said:
+                raise FusionBroken("the fuser failed mid-answer", UsageLedger()) from exc
+            cause = exc.cause if isinstance(exc, StageLost) else exc
+            log.warning("fuser_failed_using_best_thread", error=type(cause).__name__, exc_info=cause)
+            yield self._fused(best_thread_answer(kept, plan.answer, UsageLedger(), "fuser unavailable"))
+        finally:
+            self.stats.fusion_s = time.monotonic() - started
 
-    def _count(self, event: StepEvent) -> None:
-        self.stats.usage.merge(event.usage)
-        verdict = event.step.verdict
-        if verdict is not None and verdict.status is not VerdictStatus.UNVALIDATED:
-            self.stats.steps_validated += 1
-            self.stats.steps_failed += verdict.failed
-        self.stats.steps_revised += event.step.revised and not event.rejected
+    def _fused(self, final: FusionDelta) -> FusionDelta:
+        self.stats.fusion = final
+        return final
 
-    def _thread_failed(self, ended: _ThreadEnded) -> None:
-        error = str(ended.error) or type(ended.error).__name__
-        self.stats.threads_failed.append(ThreadFailure(ended.thread_index, error))
-        log.warning("thread_failed", request_id=self.request_id, thread=ended.thread_index, error=error)
+    def _nothing_to_fuse(self, threads: tuple[ThreadResult, ...], error: BaseException | None) -> NothingToFuse:
+        if error is not None:
+            return NothingToFuse("the thinking replica was lost before any step was written", capacity=True)
+        if self.stats.thinking_cut or (self.stats.skipped and all(s.reason == "deadline" for s in self.stats.skipped)):
+            return NothingToFuse("the request deadline came before any reasoning step was written", deadline=True)
+        causes = "; ".join(sorted({t.error for t in threads if t.error})) or "no steps were written"
+        return NothingToFuse(f"every reasoning thread failed: {causes}")
+
+    def _count(self, event: ThinkEvent) -> None:
+        stats = self.stats
+        if isinstance(event, StepChecked):
+            verdict = event.verdict
+            if verdict.status in (VerdictStatus.PASSED, VerdictStatus.FAILED):
+                stats.steps_validated += 1
+                stats.steps_failed += verdict.failed
+                stats.steps_unchallenged += verdict.unchallenged
+            stats.steps_flagged += event.flagged
+        elif isinstance(event, StepWritten):
+            stats.steps_revised += event.revision
+        elif isinstance(event, Skipped):
+            stats.skipped.append(event)
+        elif isinstance(event, ThreadEnded) and event.result.error:
+            stats.threads_failed[event.result.thread] = event.result.error
+
+
+class _PartialThreads:
+    """Threads as far as their events tell, for when the Thinker is lost before it ends them."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[int, Step]] = {}
+
+    @property
+    def threads(self) -> set[int]:
+        return set(self.steps)
+
+    def see(self, event: ThinkEvent) -> None:
+        if isinstance(event, StepWritten):
+            self.steps.setdefault(event.thread, {})[event.index] = Step(event.index, event.text, complete=False)
+        elif isinstance(event, StepDropped):
+            self.steps.get(event.thread, {}).pop(event.index, None)
+        elif isinstance(event, StepChecked) and event.flagged:
+            step = self.steps.get(event.thread, {}).get(event.index)
+            if step is not None:
+                step.flagged = True
+
+    def result(self, thread: int) -> ThreadResult:
+        written = self.steps.get(thread, {})
+        steps = []
+        for index in sorted(written):
+            if index != len(steps):
+                break
+            steps.append(written[index])
+        return ThreadResult(thread, steps, error="the thinking replica was lost")
+
+
+async def _within(stream: AsyncIterator, until: float) -> AsyncIterator:
+    """`stream`'s items until wall-clock time `until`; then TimeoutError (the stream is closed)."""
+    iterator = stream.__aiter__()
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(iterator.__anext__(), max(0.0, until - time.time()))
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await iterator.aclose()

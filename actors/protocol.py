@@ -1,20 +1,17 @@
-"""The OpenAI chat-completions wire format: request parsing, response and chunk shapes, errors.
+"""The OpenAI chat-completions wire format: the request schema, the response and chunk models,
+and errors. Kept apart from the serving logic (as vLLM keeps `protocol.py` apart from
+`serving_chat.py`): `actors/serving.py` parses with these models and replies with them.
 
-Kept apart from the serving logic (as vLLM does): the ingress parses with these models and
-builds replies with these functions; nothing else knows the wire format.
+Every request field of the API is named here. A field is honoured (the README's table says how)
+or refused with a 400 naming it; an unknown field is refused as OpenAI does.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from actors.schemas import ChatTurn, Conversation, UsageLedger
-
-FUSER_ROLE = "fuser"
-
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # --- errors ----------------------------------------------------------------------------------
 
@@ -40,18 +37,33 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def response(self) -> "ErrorResponse":
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
+
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        }
+        return self.response().model_dump()
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def unsupported(param: str, what: str) -> APIError:
+    return APIError(400, f"'{param}': {what}", param=param, code="unsupported_parameter")
 
 
 # --- request ---------------------------------------------------------------------------------
 
-
 # strict: JSON types as OpenAI checks them ("yes" is not a boolean, "0.5" not a number);
-# extra="allow": unknown fields are ignored, as OpenAI clients expect.
-_WIRE = ConfigDict(extra="allow", strict=True)
+# extra="forbid": a field we would otherwise drop silently is refused, naming it.
+_WIRE = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(BaseModel):
@@ -60,11 +72,29 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = _WIRE
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = _WIRE
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _WIRE
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    refusal: str | None = None  # assistant
+    # An assistant turn as reasoning APIs return it; earlier reasoning is not sent upstream again.
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -73,10 +103,68 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def wire(self) -> dict[str, Any]:
+        """The message as the fuser's upstream gets it: text content, tool calls kept."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text() if self.content is not None else None}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _WIRE
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = _WIRE
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _WIRE
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _WIRE
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = _WIRE
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _WIRE
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("'json_schema' is required when type is 'json_schema'")
+        return self
+
 
 class StreamOptions(BaseModel):
     model_config = _WIRE
     include_usage: bool = False
+    # We add no obfuscation padding to chunks, whatever this asks.
+    include_obfuscation: bool | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -86,66 +174,147 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=1)
+    # Answer-shaping fields: sent to the fuser, the call that writes what the client reads.
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    logit_bias: dict[str, int] | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # One answer per request.
+    n: int | None = Field(None, ge=1, le=1)
+    # Accepted, not sent upstream: identifiers and tags for the client's own bookkeeping (logged).
     user: str | None = None
-    # Extension: hide or show the live reasoning for this request (overrides the config).
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # Refused when set (see `refuse_unsupported`).
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    # Extensions: show or hide the live reasoning; a tighter deadline in seconds; the profile's
+    # settings overridden for this request (same keys as a profile, plus budget_tokens).
     include_reasoning: bool | None = None
-    # Extension: a tighter deadline for this request, in seconds (the config's is the ceiling).
     deadline_s: float | None = Field(None, gt=0)
+    token_killer: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def answer_limit(self) -> int | None:
+        """`max_completion_tokens` supersedes the older `max_tokens`."""
+        return self.max_completion_tokens or self.max_tokens
+
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
     """Bytes from the wire to a validated request, or an APIError saying what is wrong."""
     try:
-        text = raw.decode("utf-8")
+        body = json.loads(raw)
     except UnicodeDecodeError as exc:
         raise APIError(400, f"Request body is not valid UTF-8: {exc.reason}.") from exc
-    try:
-        body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise APIError(400, f"We could not parse the JSON body of your request: {exc.msg}.") from exc
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.")
     try:
-        return ChatCompletionRequest.model_validate(body)
+        chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        # Of a union's alternatives, the deepest error is the one that says what is wrong
-        # ("messages[0].content[0].type: Input should be 'text'", not "should be a string").
-        errors = exc.errors()
-        error = max(errors, key=lambda e: len(e["loc"]))
-        param = _param_name(error["loc"])
-        raise APIError(400, f"Invalid value for '{param}': {error['msg']}.", param=param) from exc
+        raise _invalid(exc) from exc
+    refuse_unsupported(chat)
+    check_messages(chat.messages)
+    check_tools(chat)
+    return chat
 
 
-def enforce_limits(chat: ChatCompletionRequest, max_messages: int, max_total_chars: int) -> None:
-    """Refuse requests larger than the service takes, before any upstream call is made."""
-    if len(chat.messages) > max_messages:
-        raise APIError(
-            400,
-            f"Too many messages: {len(chat.messages)}; this service takes at most {max_messages}.",
-            param="messages",
-            code="too_many_messages",
-        )
-    total = sum(len(m.text()) for m in chat.messages)
-    if total > max_total_chars:
-        raise APIError(
-            400,
-            f"The messages hold {total} characters; this service takes at most {max_total_chars}.",
-            param="messages",
-            code="context_length_exceeded",
-        )
+def _invalid(exc: ValidationError) -> APIError:
+    # Of a union's alternatives, the deepest error is the one that says what is wrong
+    # ("messages[0].content[0].type: Input should be 'text'", not "should be a string").
+    error = max(exc.errors(), key=lambda e: len(e["loc"]))
+    if error["type"] == "extra_forbidden":
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    param = _param_name(error["loc"])
+    return APIError(400, f"Invalid value for '{param}': {error['msg']}.", param=param)
+
+
+def refuse_unsupported(chat: ChatCompletionRequest) -> None:
+    """Fields we cannot honour: a 400 naming the field, never a silent drop."""
+    if chat.modalities is not None and any(m != "text" for m in chat.modalities):
+        raise unsupported("modalities", "only text output is supported.")
+    refused = {
+        "audio": "audio output is not supported.",
+        "prediction": "predicted outputs are not supported.",
+        "reasoning_effort": "choose how much to think with a profile (the model) or 'token_killer' overrides.",
+        "verbosity": "not supported; ask for length in the messages or use max_completion_tokens.",
+        "web_search_options": "web search is not supported.",
+        "functions": "deprecated; use 'tools'.",
+        "function_call": "deprecated; use 'tool_choice'.",
+    }
+    for field, why in refused.items():
+        if getattr(chat, field) is not None:
+            raise unsupported(field, why)
+    if chat.store:
+        raise unsupported("store", "stored completions are not supported.")
+    if chat.service_tier not in (None, "auto", "default"):
+        raise unsupported("service_tier", "only 'auto' and 'default' are supported.")
+    if chat.top_logprobs is not None and not chat.logprobs:
+        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+    if isinstance(chat.stop, list) and len(chat.stop) > 4:
+        raise APIError(400, "'stop' takes at most 4 sequences.", param="stop")
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """The message rules OpenAI applies."""
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        empty = message.content is None or (isinstance(message.content, list) and not message.content)
+        if message.role in ("system", "developer", "user", "tool") and empty:
+            raise APIError(400, f"'{where}.content': a {message.role} message needs content.", param=f"{where}.content")
+        if message.role == "assistant" and empty and not message.tool_calls and message.refusal is None:
+            raise APIError(
+                400, f"'{where}': an assistant message needs content or tool_calls.", param=f"{where}.content"
+            )
+        if message.role == "tool" and not message.tool_call_id:
+            raise APIError(
+                400, f"'{where}.tool_call_id': a tool message needs the id of the call it answers.",
+                param=f"{where}.tool_call_id",
+            )
+        if message.tool_calls is not None and message.role != "assistant":
+            raise APIError(400, f"'{where}.tool_calls': only assistant messages carry tool calls.",
+                           param=f"{where}.tool_calls")
+    if not any(m.role == "user" for m in messages):
+        raise APIError(400, "messages must contain at least one 'user' message.", param="messages")
+
+
+def check_tools(chat: ChatCompletionRequest) -> None:
+    if chat.tool_choice is not None and not chat.tools:
+        raise APIError(400, "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice")
+    if chat.parallel_tool_calls is not None and not chat.tools:
+        raise APIError(400, "'parallel_tool_calls' is only allowed when 'tools' are specified.",
+                       param="parallel_tool_calls")
+    if isinstance(chat.tool_choice, NamedToolChoice):
+        names = {tool.function.name for tool in chat.tools or ()}
+        if chat.tool_choice.function.name not in names:
+            raise APIError(400, f"'tool_choice' names '{chat.tool_choice.function.name}', which is not in 'tools'.",
+                           param="tool_choice")
 
 
 def _param_name(loc: tuple) -> str:
@@ -157,108 +326,113 @@ def _param_name(loc: tuple) -> str:
     return name or "body"
 
 
-_FIELD_NAMES = set(ChatCompletionRequest.model_fields) | set(ChatMessage.model_fields) | {
-    "include_usage",
-    "type",
-    "text",
-}
-
-
-def to_conversation(request: ChatCompletionRequest) -> Conversation:
-    """Every message counts: system/developer text, earlier turns, and the question."""
-    system = [m.text() for m in request.messages if m.role in ("system", "developer")]
-    turns = [m for m in request.messages if m.role not in ("system", "developer")]
-    question_at = max((i for i, m in enumerate(turns) if m.role == "user"), default=None)
-    if question_at is None:
-        raise APIError(400, "messages must contain at least one 'user' message.", param="messages")
-    history = tuple(
-        ChatTurn(
-            "assistant" if m.role == "assistant" else "user",
-            m.text() if m.role in ("user", "assistant") else f"[{m.role} result] {m.text()}",
+_FIELD_NAMES = set().union(
+    *(
+        model.model_fields
+        for model in (
+            ChatCompletionRequest, ChatMessage, TextPart, ToolCall, FunctionCall, Tool, FunctionDefinition,
+            NamedToolChoice, NamedFunction, ResponseFormat, JSONSchemaFormat, StreamOptions,
         )
-        for i, m in enumerate(turns)
-        if i != question_at
-    )
-    return Conversation(
-        question=turns[question_at].text(), system="\n\n".join(s for s in system if s), history=history
-    )
+    ),
+    {"schema"},
+)
+
+
+def answer_params(chat: ChatCompletionRequest) -> dict[str, Any]:
+    """The client's answer-shaping fields, in wire form, for the fuser's upstream call."""
+    params: dict[str, Any] = {}
+    if chat.answer_limit is not None:
+        params["max_tokens"] = chat.answer_limit
+    for field in ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
+                  "logprobs", "top_logprobs", "parallel_tool_calls"):
+        value = getattr(chat, field)
+        if value is not None:
+            params[field] = value
+    if chat.response_format is not None and chat.response_format.type != "text":
+        params["response_format"] = chat.response_format.model_dump(by_alias=True, exclude_none=True)
+    if chat.tools:
+        params["tools"] = [tool.model_dump(exclude_none=True) for tool in chat.tools]
+        if chat.tool_choice is not None:
+            choice = chat.tool_choice
+            params["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+    return params
 
 
 # --- responses -------------------------------------------------------------------------------
 
 
-def usage_body(usage: UsageLedger) -> dict[str, Any]:
-    """Exact sums of what the upstreams reported. Reasoning = every completion but the fuser's."""
-    completion = usage.completion_tokens
-    fuser = usage.roles.get(FUSER_ROLE)
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": usage.prompt_tokens + completion,
-        "completion_tokens_details": {
-            "reasoning_tokens": completion - (fuser.completion_tokens if fuser else 0)
-        },
-    }
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
 
 
-def usage_by_role(usage: UsageLedger) -> dict[str, dict[str, Any]]:
-    return {
-        role: {
-            "calls": u.calls,
-            "failed_calls": u.failed_calls,
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "seconds": round(u.seconds, 3),
-        }
-        for role, u in sorted(usage.roles.items())
-    }
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
 
 
-def completion_body(
-    *,
-    id: str,
-    created: int,
-    model: str,
-    content: str,
-    reasoning: str | None,
-    usage: UsageLedger,
-    extension: dict[str, Any],
-) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if reasoning is not None:
-        message["reasoning_content"] = reasoning
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
-        "usage": usage_body(usage),
-        "token_killer": extension,
-    }
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
 
 
-def chunk_body(
-    *,
-    id: str,
-    created: int,
-    model: str,
-    delta: dict[str, Any] | None,
-    finish_reason: str | None = None,
-    include_usage: bool = False,
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}],
-    }
-    if include_usage:
-        body["usage"] = None  # only the final usage chunk carries it
-    return body
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    refusal: str | None = None
 
 
-def sse(data: dict[str, Any] | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n"
+class Choice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    finish_reason: str
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    token_killer: dict[str, Any]
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    token_killer: dict[str, Any] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "token-killer"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -35,12 +35,6 @@ from actors.local_engine import LOCAL_MODEL_NAME, LocalEngine
 
 logger = logging.getLogger("ray.serve")
 
-MAX_ONGOING_REQUESTS = 64
-"""Concurrent requests per replica. The replica only relays I/O; llama.cpp runs
-n_parallel of them at once and queues the rest. The engine's HTTP thread pool is
-sized from this constant, so if you raise max_ongoing_requests in a Serve config,
-raise this too."""
-
 # No overall timeout: a non-stream answer arrives in one piece after the whole
 # generation, possibly after waiting for a free slot. A client disconnect cancels
 # the request, which closes the engine connection, and llama.cpp then frees the
@@ -60,20 +54,7 @@ def _error(
     )
 
 
-@serve.deployment(
-    # Ray's num_cpus is only a scheduling reservation: llama.cpp uses its own
-    # n_threads (2) on both cores whatever we reserve. The cluster has 2 CPUs
-    # shared with four other deployments, so reserving 1-2 CPUs here would block
-    # them from being scheduled; 0.5 leaves 1.5 for the rest.
-    ray_actor_options={"num_cpus": 0.5},
-    # One replica: a second llama.cpp on 2 cores would only compete for them.
-    num_replicas=1,
-    max_ongoing_requests=MAX_ONGOING_REQUESTS,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    # Serve drains ongoing requests (up to this long) before calling __del__.
-    graceful_shutdown_timeout_s=30,
-)
+@serve.deployment
 @serve.ingress(app)
 class LocalLLM:
     """Owns a `LocalEngine` and relays the OpenAI API to it."""
@@ -85,11 +66,14 @@ class LocalLLM:
         n_threads: int = 2,
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
+        # The engine serves as many connections as Serve lets requests in (serve_config.yaml's
+        # max_ongoing_requests for this deployment), plus spare ones for health probes.
+        ongoing = serve.get_replica_context()._deployment_config.max_ongoing_requests
         self._engine = LocalEngine(
             n_parallel=n_parallel,
             n_ctx=n_ctx,
             n_threads=n_threads,
-            max_connections=MAX_ONGOING_REQUESTS,
+            max_connections=ongoing,
         )
         # Loading the model blocks for about a second; keep the loop free.
         await asyncio.to_thread(self._engine.start)

@@ -30,6 +30,10 @@ class ServiceMetrics:
         self.tokens = Counter(
             "tk_tokens", description="Tokens the upstreams reported, by role and kind.", tag_keys=("role", "kind")
         )
+        self.cost = Counter(
+            "tk_cost_usd", description="What the upstreams billed, in USD at the configured prices.",
+            tag_keys=("profile",),
+        )
         self.verdicts = Counter(
             "tk_validation_verdicts", description="Step validation verdicts.", tag_keys=("verdict",)
         )
@@ -50,12 +54,16 @@ class ServiceMetrics:
     def verdict(self, verdict: Verdict) -> None:
         self.verdicts.inc(tags={"verdict": verdict.status.value})
 
-    def request_done(self, stats: RunStats) -> None:
+    def request_done(self, profile: str, stats: RunStats) -> None:
         for role, usage in stats.usage.roles.items():
             if usage.prompt_tokens:
                 self.tokens.inc(usage.prompt_tokens, tags={"role": role, "kind": "prompt"})
+            if usage.cached_tokens:
+                self.tokens.inc(usage.cached_tokens, tags={"role": role, "kind": "cached_prompt"})
             if usage.completion_tokens:
                 self.tokens.inc(usage.completion_tokens, tags={"role": role, "kind": "completion"})
+        if stats.usage.cost_usd:
+            self.cost.inc(stats.usage.cost_usd, tags={"profile": profile})
         if stats.threads_kept:
             self.threads.inc(stats.threads_kept, tags={"outcome": "kept"})
         if stats.threads_failed:

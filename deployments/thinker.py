@@ -1,7 +1,8 @@
-"""Thinker deployment: one streaming handle call runs one whole thread and yields its steps.
+"""Thinker deployment: one streaming handle call runs every thread of a request.
 
-It holds a handle to the Validator so a thread can validate step k while it speculates on k+1
-(see actors/thinking.py); one validation handle call per step, one thread call per thread.
+The threads of a request share one replica, so its token budget and its deadline are one
+object, and their step validations go to the Validator pool batched (see
+`actors.validation.ValidationBatches`): a few handle calls per request instead of one per step.
 """
 
 from __future__ import annotations
@@ -12,34 +13,34 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from actors.config import ServiceConfig
-from actors.log_setup import bind_request, configure_logging
-from actors.model_client import open_session, role_clients
-from actors.prompts import load_prompts
-from actors.schemas import StepEvent, ThreadJob, ValidationJob, Verdict
-from actors.thinking import ThreadRunner
-from deployments.metrics import ServiceMetrics
+from actors.log_setup import bind_request
+from actors.prompts import PromptSet
+from actors.schemas import ThinkJob, ThinkUpdate, ValidationJob, Verdict
+from actors.thinking import RequestThinking
+from actors.validation import ValidationBatches
+from deployments.handles import call_with_retries
+from deployments.replica import ReplicaResources
 
 
-# Two replicas by default, so losing one never takes every thread of a request with it.
-@serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=500)
+@serve.deployment
 class Thinker:
-    async def __init__(self, config: ServiceConfig, validator: DeploymentHandle) -> None:
-        configure_logging()
-        self.session = open_session(config.upstream)
-        self.metrics = ServiceMetrics()
+    def __init__(self, config: ServiceConfig, prompts: PromptSet, validator: DeploymentHandle) -> None:
+        self.replica = ReplicaResources(config)
+        self.prompts = prompts
         self.validator = validator
-        clients = role_clients(self.session, config, self.metrics)
-        self.runner = ThreadRunner(
-            config, load_prompts(config.prompts), clients["thinker"], clients["summarizer"], self._validate
-        )
 
-    async def run_thread(self, job: ThreadJob) -> AsyncIterator[StepEvent]:
+    async def think(self, job: ThinkJob) -> AsyncIterator[ThinkUpdate]:
         bind_request(job.request_id)
-        async for event in self.runner.run(job):
-            yield event
+        thinking = RequestThinking(job, self.prompts, self.replica.clients, None)
+        if job.settings.validation.enabled:
+            thinking.validate = ValidationBatches(self._validate, lambda: thinking.live).validate
+        async for update in thinking.updates():
+            yield update
 
-    async def _validate(self, job: ValidationJob) -> Verdict:
-        return await self.validator.validate.remote(job)
+    async def _validate(self, jobs: list[ValidationJob]) -> list[Verdict]:
+        # A lost or saturated Validator replica: the batch is asked again of another one; if the
+        # pool stays unreachable the steps are left unvalidated (the thread goes on).
+        return await call_with_retries(lambda: self.validator.validate.remote(jobs))
 
     async def __del__(self) -> None:
-        await self.session.close()
+        await self.replica.close()

@@ -7,25 +7,27 @@ free port; everything started here is shut down at the end.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 
 import pytest
 
 from tests.simulated_upstream import SimulatedUpstream
-from tests.support import role_aware_reply, sim_config_dict, write_config
+from tests.support import (
+    ROOT,
+    error_shape_problem,
+    free_port,
+    role_aware_reply,
+    shipped_serve_config,
+    sim_config_dict,
+    write_config,
+)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 SIM_LATENCY_S = 0.02
 SERVICE_KEY = "tk-test-client-key"  # what clients of the test service send
 UPSTREAM_KEY = "sk-fake-upstream-KEY-8c1f0e"  # what the service sends upstream; must never leak
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SECRETS = {"TK_TEST_UPSTREAM_KEY": UPSTREAM_KEY, "TOKEN_KILLER_API_KEYS": f"{SERVICE_KEY}, other-client-key"}
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +44,9 @@ def _restore(server: SimulatedUpstream) -> None:
     server.token_interval = 0.0
     server.fault_rates = {}
     server.default_reply = role_aware_reply
+    server.supports_n = True
+    server.prefix_cache = False
+    server.retry_after_s = 1.0
 
 
 @pytest.fixture
@@ -53,6 +58,16 @@ def sim(upstream_server: SimulatedUpstream) -> Iterator[SimulatedUpstream]:
 
 
 METRICS_PORT = free_port()
+# Every non-2xx response a test provokes through the `client` fixture is checked for the OpenAI
+# error shape; a test that saw a bare one fails at teardown.
+SHAPE_VIOLATIONS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _every_error_has_the_openai_shape():
+    SHAPE_VIOLATIONS.clear()
+    yield
+    assert not SHAPE_VIOLATIONS, SHAPE_VIOLATIONS
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +77,9 @@ def serve_http() -> Iterator[str]:
     from ray import serve
 
     port = free_port()
+    # Secrets reach the replicas as a user's would: from the environment `serve run` starts in
+    # (never through runtime_env, which Ray writes to its logs).
+    os.environ.update(SECRETS)
     # Replica logs go to the session's files (where tests read them), not to pytest's output.
     ray.init(
         address="local",  # always a cluster of our own, never one already running here
@@ -70,29 +88,24 @@ def serve_http() -> Iterator[str]:
         namespace="token-killer-tests",
         log_to_driver=False,
         _metrics_export_port=METRICS_PORT,
-        # The same Serve switches serve_config.yaml sets for the app's replicas.
-        runtime_env={
-            "env_vars": {
-                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-            }
-        },
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options=shipped_serve_config(port)["http_options"])
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def service(serve_http: str, upstream_server: SimulatedUpstream, tmp_path_factory) -> str:
-    """The real Token Killer app, built from a config file pointed at the simulated upstream."""
-    from ray import serve
+def deploy(applications: list[dict]) -> None:
+    """Apply a Serve config as `serve run serve_config.yaml` does (apps not named are removed)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
-    from deployments.app import build_app
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": applications}), _blocking=True)
 
+
+def service_config(base_url: str) -> dict:
     config = sim_config_dict(
-        upstream_server.base_url,
+        base_url,
         stream_keepalive_s=0.2,
         limits={
             "max_body_bytes": 20_000,
@@ -103,28 +116,46 @@ def service(serve_http: str, upstream_server: SimulatedUpstream, tmp_path_factor
             "fusion_reserve_s": 0.5,
         },
     )
-    for model in config["models"].values():  # every upstream call carries a (fake) key
+    for model in config["models"].values():  # every upstream call carries a (fake) key, and costs
         model["api_key_env"] = "TK_TEST_UPSTREAM_KEY"
-    path = write_config(tmp_path_factory.mktemp("config") / "service.yaml", config)
-    env = {"TK_TEST_UPSTREAM_KEY": UPSTREAM_KEY, "TOKEN_KILLER_API_KEYS": f"{SERVICE_KEY}, other-client-key"}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:  # the builder resolves keys from the environment once, here, at start-up
-        serve.run(build_app({"config": str(path)}), name="token-killer", route_prefix="/")
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        model["price"] = {"input": 1.0, "cached_input": 0.5, "output": 2.0}
+    return config
+
+
+@pytest.fixture(scope="session")
+def service_apps(serve_http: str, upstream_server: SimulatedUpstream, tmp_path_factory) -> list[dict]:
+    """The shipped serve_config.yaml's token-killer application, as deployed for the session."""
+    path = write_config(tmp_path_factory.mktemp("config") / "service.yaml", service_config(upstream_server.base_url))
+    port = int(serve_http.rsplit(":", 1)[1])
+    env = {"PYTHONPATH": str(ROOT)}  # test-only deployment variants live in tests/
+    # Two replicas of each role deployment (the shipped autoscaling starts at one), so that the
+    # replica-kill tests have a survivor to retry on.
+    apps = shipped_serve_config(port, app_config=path, env=env, min_replicas=2)["applications"]
+    deploy(apps)
+    return apps
+
+
+@pytest.fixture(scope="session")
+def service(service_apps: list[dict], serve_http: str) -> str:
+    """The real Token Killer app, deployed from serve_config.yaml, on the simulated upstream."""
     return serve_http
 
 
 @pytest.fixture
 def client(service: str):
+    import httpx2 as httpx
     import openai
 
-    return openai.OpenAI(base_url=f"{service}/v1", api_key=SERVICE_KEY, max_retries=0, timeout=60)
+    def check(response: httpx.Response) -> None:
+        if response.status_code >= 400:
+            response.read()
+            problem = error_shape_problem(response.status_code, response.content)
+            if problem:
+                SHAPE_VIOLATIONS.append(f"{response.request.method} {response.request.url}: {problem}")
+
+    http = httpx.Client(event_hooks={"response": [check]}, timeout=60)
+    yield openai.OpenAI(base_url=f"{service}/v1", api_key=SERVICE_KEY, max_retries=0, timeout=60, http_client=http)
+    http.close()
 
 
 @pytest.fixture

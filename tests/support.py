@@ -6,12 +6,16 @@ role with `Rule(model=...)`.
 
 from __future__ import annotations
 
+import json
+import socket
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from actors.config import ROLES, ServiceConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ROLE_REPLIES = {
     "sim-thinker": "We reason about the problem carefully. [CONTINUE]",
@@ -20,6 +24,13 @@ ROLE_REPLIES = {
     "sim-summarizer": "Summary of the middle steps.",
     "sim-fuser": "The fused final answer is 42.",
 }
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers the tests or the benchmark start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def role_aware_reply(request: dict[str, Any]) -> str:
@@ -33,11 +44,17 @@ def sim_config_dict(base_url: str, **sections: Any) -> dict[str, Any]:
         for role in ROLES
     }
     config: dict[str, Any] = {
-        "served_model_name": "token-killer",
         "models": models,
         "thinking": {"num_threads": 3, "max_steps": 2},
         "validation": {"enabled": True, "num_counterexamples": 3, "num_voters": 3, "pass_threshold": 2},
-        "upstream": {"max_attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
+        # The shipped profiles: economy on, the original's behaviour, and a deep one.
+        "profiles": {
+            "token-killer": {},
+            "token-killer-classic": {"economy": False},
+            "token-killer-deep": {"thinking": {"max_steps": 6}},
+        },
+        # Short backoff, but a `Retry-After` of up to 2 s is still waited out.
+        "upstream": {"max_attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 2},
     }
     config.update(sections)
     return config
@@ -50,3 +67,50 @@ def sim_config(base_url: str, **sections: Any) -> ServiceConfig:
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def shipped_serve_config(
+    port: int,
+    *,
+    app_config: Path | None = None,
+    env: dict[str, str] | None = None,
+    embedded: bool = False,
+    min_replicas: int | None = None,
+) -> dict[str, Any]:
+    """The repo's serve_config.yaml with only what a test or benchmark run must change: the HTTP
+    port, the app config file, environment variables for the app, the `local` application (kept
+    only when `embedded`), and optionally at least `min_replicas` of each role deployment."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    if not embedded:
+        config["applications"] = [a for a in config["applications"] if a["name"] != "local"]
+    for app in config["applications"]:
+        if app["name"] != "token-killer":
+            continue
+        if app_config is not None:
+            app["args"]["config"] = str(app_config)
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env or {})
+        for deployment in app["deployments"]:
+            if min_replicas is None or deployment["name"] == "Ingress":
+                continue
+            if "autoscaling_config" in deployment:
+                scaling = deployment["autoscaling_config"]
+                scaling["min_replicas"] = max(scaling["min_replicas"], min_replicas)
+                scaling["max_replicas"] = max(scaling["max_replicas"], min_replicas)
+            else:
+                deployment["num_replicas"] = max(deployment.get("num_replicas", 1), min_replicas)
+    return config
+
+
+def error_shape_problem(status: int, body: bytes) -> str | None:
+    """What is wrong with a non-2xx response body, if it is not OpenAI's error shape."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return f"{status} with a body that is not JSON: {body[:120]!r}"
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if set(parsed) != {"error"} or not isinstance(error, dict):
+        return f"{status} without an 'error' object: {body[:120]!r}"
+    if set(error) != {"message", "type", "param", "code"} or not error["message"]:
+        return f"{status} with error fields {sorted(error)}"
+    return None

@@ -78,6 +78,57 @@ CASES = [
     ("too-many-messages", body(messages=[USER] * 51), 400, "messages", "too_many_messages"),
     ("too-many-characters", body(messages=[{"role": "user", "content": "x" * 10_001}]), 400, "messages", "context_length_exceeded"),
     ("body-too-large", body(messages=[{"role": "user", "content": "x" * 25_000}]), 413, None, "request_too_large"),
+    # Fields that would shape the answer and cannot be honoured: refused, naming them.
+    ("unknown-field", body(frobnicate=True), 400, "frobnicate", None),
+    ("audio-output", body(audio={"voice": "alloy", "format": "wav"}), 400, "audio", "unsupported_parameter"),
+    ("audio-modality", body(modalities=["text", "audio"]), 400, "modalities", "unsupported_parameter"),
+    ("prediction", body(prediction={"type": "content", "content": "x"}), 400, "prediction", "unsupported_parameter"),
+    ("reasoning-effort", body(reasoning_effort="high"), 400, "reasoning_effort", "unsupported_parameter"),
+    ("verbosity", body(verbosity="low"), 400, "verbosity", "unsupported_parameter"),
+    ("web-search", body(web_search_options={}), 400, "web_search_options", "unsupported_parameter"),
+    ("functions", body(functions=[{"name": "f"}]), 400, "functions", "unsupported_parameter"),
+    ("store", body(store=True), 400, "store", "unsupported_parameter"),
+    ("service-tier", body(service_tier="flex"), 400, "service_tier", "unsupported_parameter"),
+    ("top-logprobs-alone", body(top_logprobs=2), 400, "top_logprobs", None),
+    ("five-stops", body(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
+    ("response-format-type", body(response_format={"type": "yaml"}), 400, "response_format.type", None),
+    ("json-schema-missing", body(response_format={"type": "json_schema"}), 400, "response_format", None),
+    ("tool-choice-without-tools", body(tool_choice="required"), 400, "tool_choice", None),
+    (
+        "tool-choice-unknown",
+        body(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
+        400,
+        "tool_choice",
+        None,
+    ),
+    ("tool-bad-name", body(tools=[{"type": "function", "function": {"name": "no spaces"}}]), 400, "tools[0].function.name", None),
+    # Message rules, as OpenAI applies them.
+    ("user-without-content", body(messages=[{"role": "user"}]), 400, "messages[0].content", None),
+    ("user-null-content", body(messages=[{"role": "user", "content": None}]), 400, "messages[0].content", None),
+    ("system-without-content", body(messages=[{"role": "system"}, USER]), 400, "messages[0].content", None),
+    (
+        "assistant-empty",
+        body(messages=[USER, {"role": "assistant"}, USER]),
+        400,
+        "messages[1].content",
+        None,
+    ),
+    (
+        "tool-without-id",
+        body(messages=[USER, {"role": "tool", "content": "42"}]),
+        400,
+        "messages[1].tool_call_id",
+        None,
+    ),
+    # The extension: a request's overrides of its profile, within the service's ceilings.
+    ("override-unknown-key", body(token_killer={"thinking": {"num_thread": 2}}), 400, "token_killer.thinking.num_thread", None),
+    ("override-wrong-type", body(token_killer={"thinking": {"num_threads": "2"}}), 400, "token_killer.thinking.num_threads", None),
+    ("override-over-ceiling", body(token_killer={"thinking": {"num_threads": 9}}), 400, "token_killer.thinking.num_threads", None),
+    ("override-not-object", body(token_killer=3), 400, "token_killer", None),
+    ("budget-too-small", body(token_killer={"budget_tokens": 10}), 400, "token_killer.budget_tokens", "budget_too_small"),
 ]
 
 
@@ -102,9 +153,15 @@ def test_the_table_is_long_enough_and_the_service_keeps_serving_after_it(service
     assert status == 200 and reply["choices"][0]["message"]["content"]
 
 
-def test_unknown_fields_are_ignored_and_both_token_limits_accepted(service, sim):
+def test_both_token_limits_and_every_honoured_field_are_accepted(service, sim):
     status, reply, _ = post(
-        service, body(max_tokens=50, max_completion_tokens=40, logit_bias={"1": 2}, frobnicate=True, user="u1")
+        service,
+        body(
+            max_tokens=50, max_completion_tokens=40, logit_bias={"1": 2}, user="u1", metadata={"k": "v"},
+            seed=1, top_p=0.9, presence_penalty=0.1, frequency_penalty=0.1, stop=["\n\n"], n=1, store=False,
+            service_tier="auto", modalities=["text"], parallel_tool_calls=None, prompt_cache_key="k",
+            safety_identifier="s", stream_options=None,
+        ),
     )
     assert status == 200 and reply["choices"][0]["message"]["content"]
 

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import SERVICE_KEY, UPSTREAM_KEY
 from tests.simulated_upstream import Rule
+from tests.support import error_shape_problem
 
 pytestmark = pytest.mark.serve
 
@@ -24,39 +25,80 @@ MODEL = "token-killer"
 QUESTION = [{"role": "user", "content": "What is six times seven?"}]
 
 
-def ask(client, **kwargs):
-    """One request; returns (status, seconds, error or None)."""
+def ask(client, model=MODEL, stream=False, **kwargs):
+    """One request (a stream is read to its end); returns (status, seconds, error or None)."""
     started = time.monotonic()
     try:
-        client.chat.completions.create(model=MODEL, messages=QUESTION, **kwargs)
+        reply = client.chat.completions.create(model=model, messages=QUESTION, stream=stream, **kwargs)
+        if stream:
+            assert "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
         return 200, time.monotonic() - started, None
     except openai.APIStatusError as error:
         return error.status_code, time.monotonic() - started, error
 
 
-def test_faulty_upstreams_still_answer_every_request(client, sim):
-    sim.fault_rates = {"500": 0.10, "429": 0.05, "drop": 0.02, "hang": 0.01, "400": 0.01}
+FAULTS = {"500": 0.10, "429": 0.05, "reset": 0.02, "hang": 0.01}
+
+
+@pytest.mark.parametrize("model", ["token-killer-classic", "token-killer"])
+def test_faulty_upstreams_still_answer_every_request(client, sim, model):
+    # 10% 500s, 5% 429s (Retry-After 1 s), 2% connections reset mid-body (the thinkers' and
+    # validators' plain calls, the fuser's streamed one), 1% hangs.
+    sim.fault_rates = FAULTS
     sim.retry_after_s = 1
 
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda _: ask(client), range(200)))
+        results = list(pool.map(lambda _: ask(client, model=model), range(200)))
 
     statuses = [status for status, _, _ in results]
     assert statuses.count(200) == 200, [e for _, _, e in results if e][:3]
     attempts = defaultdict(list)
     for record in sim.records:
         attempts[record.call_id].append(record)
-    faults = defaultdict(int)
+    retried = defaultdict(int)
     for calls in attempts.values():
         calls.sort(key=lambda r: r.started)
         for this, retry in zip(calls, calls[1:]):
-            faults[this.fault] += 1
-            assert this.status not in (400, 401), "a 4xx other than 429 was retried"
+            retried[this.fault] += 1
             if this.status == 429:
                 assert retry.started - this.finished >= 1.0, "retried sooner than Retry-After"
-    # The run really was under fire: every kind of fault happened and was retried.
-    assert {"500", "429", "drop", "hang"} <= set(faults)
-    assert sum(1 for r in sim.records if r.status == 400) > 0
+    # The run really was under fire: every kind of fault happened and was retried, and resets hit
+    # both plain and streamed calls.
+    assert {"500", "429", "reset", "hang"} <= set(retried)
+    assert {r.stream for r in sim.records if r.status == "reset"} == {True, False}
+
+
+def test_streams_under_faults_finish_or_end_with_an_error_event(client, sim):
+    # Once the fuser's answer is streaming to the client, a reset of its upstream call cannot be
+    # retried unseen: that stream ends with the OpenAI error event. Nothing else may fail.
+    sim.fault_rates = FAULTS
+    sim.retry_after_s = 1
+
+    def one(_):
+        try:
+            chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True))
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        except openai.APIError as error:
+            return error
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(60)))
+
+    errors = [r for r in results if not isinstance(r, str)]
+    assert all(r == "The fused final answer is 42." for r in results if isinstance(r, str))
+    assert all("fuser failed mid-answer" in str(e) for e in errors), errors[:3]
+    assert len(errors) <= 6
+
+
+def test_a_4xx_other_than_429_is_never_retried(client, sim):
+    sim.add_rule(Rule(model="sim-counterexample", fault="400"))
+    sim.add_rule(Rule(model="sim-thinker", fault="401", times=1))
+
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION)
+
+    assert reply.choices[0].message.content
+    refused = [r for r in sim.records if r.status in (400, 401)]
+    assert refused and len({r.call_id for r in refused}) == len(refused)
 
 
 def test_overload_is_refused_fast_with_retry_after_and_the_service_recovers(service, client, sim):
@@ -84,7 +126,9 @@ def _get(url: str, key: str | None) -> tuple[int, dict]:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        body = error.read()
+        assert error_shape_problem(error.code, body) is None
+        return error.code, json.loads(body)
 
 
 @pytest.mark.parametrize("key", [None, "", "wrong-key", SERVICE_KEY + "x", SERVICE_KEY[:-1]])
@@ -109,80 +153,87 @@ def _ray_logs() -> Path:
     return Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
 
 
+def _logged(marker: str, timeout: float = 30.0) -> list[Path]:
+    """Log files holding `marker`, once at least one does (replica logs reach their files late)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [p for p in _ray_logs().rglob("*") if p.is_file() and marker.encode() in p.read_bytes()]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def test_upstream_keys_never_reach_clients_or_logs(client, sim):
     # The upstream refuses the key and, as some providers do, quotes it in its error message.
     sim.add_rule(Rule(model="sim-thinker", fault="401"))
+    tag = f"key-leak-{time.time_ns()}"
 
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model=MODEL, messages=QUESTION)
-    stream_error = None
-    try:
-        for _ in client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, extra_headers={"x-request-id": tag})
+    with pytest.raises(openai.APIStatusError) as streamed:
+        for _ in client.chat.completions.create(
+            model=MODEL, messages=QUESTION, stream=True, extra_headers={"x-request-id": tag + "-s"}
+        ):
             pass
-    except openai.APIError as error:
-        stream_error = error
 
-    assert all(r.authorization == f"Bearer {UPSTREAM_KEY}" for r in sim.records)  # it was used
-    assert caught.value.status_code == 502 and "HTTP 401" in caught.value.message
-    assert UPSTREAM_KEY not in caught.value.response.text
-    assert stream_error is not None and UPSTREAM_KEY not in str(stream_error.body)
-    time.sleep(1.5)  # let the replicas' log lines reach their files
-    leaks = [
-        str(path)
-        for path in _ray_logs().rglob("*")
-        if path.is_file() and UPSTREAM_KEY.encode() in path.read_bytes()
-    ]
+    # The key was sent, and the upstream's error body did quote it: a leak would be there to see.
+    refused = [r for r in sim.records if r.status == 401]
+    assert refused and all(r.authorization == f"Bearer {UPSTREAM_KEY}" for r in refused)
+    for error in (caught.value, streamed.value):
+        assert error.status_code == 502 and "HTTP 401" in error.message
+        assert UPSTREAM_KEY not in error.response.text
+    # The lines that report these failures are in the logs (so they have been flushed) ...
+    assert _logged(tag) and _logged(tag + "-s")
+    assert _logged("HTTP 401 (authentication_error, invalid_api_key)")
+    # ... and no Ray log file anywhere holds the key.
+    leaks = [str(p) for p in _ray_logs().rglob("*") if p.is_file() and UPSTREAM_KEY.encode() in p.read_bytes()]
     assert not leaks
 
 
-def test_a_deadline_fuses_what_exists_in_time(client, sim):
-    sim.latency = 0.3  # a full run: 2 steps (3L + 3L) + fusion ≈ 2.1 s
-
-    started = time.monotonic()
-    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, extra_body={"deadline_s": 1.6})
-    elapsed = time.monotonic() - started
-
-    assert elapsed < 1.6
-    assert reply.choices[0].message.content == "The fused final answer is 42."
-    assert reply.model_extra["token_killer"]["steps_validated"] < 6  # not every step made it
-
-
-def _thinker_pids() -> list[int]:
-    """Thinker replicas of this test session's Ray (its raylet and workers descend from us)."""
+def _replica_pids(deployment: str) -> list[int]:
+    """Replicas of a deployment in this test session's Ray (its processes descend from us)."""
     pids = []
     for process in psutil.Process().children(recursive=True):
         try:
-            if "ServeReplica:token-killer:Thinker" in " ".join(process.cmdline()):
+            if f"ServeReplica:token-killer:{deployment}" in " ".join(process.cmdline()):
                 pids.append(process.pid)
         except psutil.Error:
             pass
     return pids
 
 
-def test_a_replica_killed_mid_load_loses_no_request(client, sim):
+@pytest.mark.parametrize(
+    ("deployment", "stream"),
+    [("Thinker", False), ("Validator", True), ("Fuser", False), ("Fuser", True)],
+    ids=["thinker-json", "validator-stream", "fuser-json", "fuser-stream"],
+)
+def test_a_replica_killed_mid_load_loses_no_request(client, sim, deployment, stream):
     from ray import serve
 
     sim.latency = 0.3
-    pids = _thinker_pids()
+    pids = _replica_pids(deployment)
     assert len(pids) == 2
+    # Fuser replicas are busy late in a request; the others early.
+    kill_after = 1.2 if deployment == "Fuser" else 0.5
     with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(ask, client) for _ in range(12)]
-        time.sleep(0.6)  # every request is mid-thinking
+        futures = [pool.submit(ask, client, model="token-killer-classic", stream=stream) for _ in range(12)]
+        time.sleep(kill_after)
         os.kill(pids[0], signal.SIGKILL)
         results = [f.result(timeout=60) for f in futures]
 
-    # Each request completes on the surviving replica, or fails fast with a retryable status.
+    # Each request completes (retried on the surviving replica, or degraded), or fails fast with
+    # a retryable status; none hangs, none is a bare 500 (the fixture checks every error's shape).
     for status, seconds, error in results:
         assert status == 200 or (status == 503 and error.response.headers.get("retry-after")), error
-        assert seconds < 10
+        assert seconds < 15
     assert sum(status == 200 for status, _, _ in results) >= 10
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        thinker = serve.status().applications["token-killer"].deployments["Thinker"]
-        if thinker.status == "HEALTHY" and len(_thinker_pids()) == 2:
+        state = serve.status().applications["token-killer"].deployments[deployment]
+        if state.status == "HEALTHY" and len(_replica_pids(deployment)) == 2:
             break
         time.sleep(1)
-    assert len(_thinker_pids()) == 2 and pids[0] not in _thinker_pids()  # Serve replaced it
+    assert len(_replica_pids(deployment)) == 2 and pids[0] not in _replica_pids(deployment)  # replaced
     sim.latency = 0.02
     assert ask(client)[0] == 200

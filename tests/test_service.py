@@ -13,7 +13,7 @@ from tests.support import role_aware_reply
 
 pytestmark = pytest.mark.serve
 
-MODEL = "token-killer"
+MODEL = "token-killer-classic"  # the original's shape: every call made, none merged
 QUESTION = [{"role": "user", "content": "What is six times seven?"}]
 
 
@@ -31,13 +31,16 @@ def test_non_stream_answer_goes_through_the_whole_pipeline(client, sim):
     models_called = {r.model for r in sim.records}
     assert models_called == {"sim-thinker", "sim-counterexample", "sim-voter", "sim-fuser"}
     extension = reply.model_extra["token_killer"]
+    assert extension["profile"] == MODEL
     assert extension["threads_kept"] == 3
     assert extension["steps_validated"] == 6  # 3 threads x 2 steps
     assert extension["steps_failed"] == 0
+    assert extension["fusion"]["mode"] == "fused"
     # 3 threads x 2 steps x (1 thinker + 3 counterexamples + 3 voters) + 1 fusion
     assert len(sim.records) == 43
     assert_usage_matches(reply.usage, sim)
     reasoning = reply.choices[0].message.model_extra["reasoning_content"]
+    assert "[thread 3 · step 2] We reason about the problem carefully." in reasoning
     assert "[thread 3 · step 2 · passed]" in reasoning
 
 
@@ -57,7 +60,10 @@ def test_stream_has_the_openai_shape_and_exact_usage(client, sim):
     reasoning_chunks = [
         c for c in chunks if c.choices and (c.choices[0].delta.model_extra or {}).get("reasoning_content")
     ]
-    assert len(reasoning_chunks) == 6
+    reasoning = "".join(c.choices[0].delta.model_extra["reasoning_content"] for c in reasoning_chunks)
+    # Each of the 6 steps as it was written, then its verdict, as lines of their own.
+    assert reasoning.count("We reason about the problem carefully.") == 6
+    assert reasoning.count(" · passed]") == 6
     assert all(not c.choices[0].delta.content for c in reasoning_chunks)
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
@@ -106,7 +112,7 @@ def test_failed_validation_revises_the_step_with_the_counterexamples(client, sim
     assert len(revisions) == 1
     assert "6*7 is not 41" in json.dumps(revisions[0].messages)
     reasoning = reply.choices[0].message.model_extra["reasoning_content"]
-    assert "failed validation, revising" in reasoning and "revised, passed" in reasoning
+    assert "failed validation, revising" in reasoning and "· revision]" in reasoning
     assert_usage_matches(reply.usage, sim)
 
 
@@ -141,10 +147,15 @@ def test_fusion_failure_falls_back_to_the_best_thread(client, sim):
     reply = client.chat.completions.create(model=MODEL, messages=QUESTION)
 
     assert reply.choices[0].message.content == "We reason about the problem carefully."
-    assert reply.model_extra["token_killer"]["fusion_fallback_thread"] is not None
+    extension = reply.model_extra["token_killer"]
+    assert extension["fusion_fallback_thread"] in (1, 2, 3)
+    assert extension["fusion"]["mode"] == "best_thread"
 
 
-def test_models_and_health(client, service):
-    assert [m.id for m in client.models.list()] == [MODEL]
+def test_models_list_every_profile_and_health_answers(client, service):
+    assert [m.id for m in client.models.list()] == ["token-killer", "token-killer-classic", "token-killer-deep"]
+    assert client.models.retrieve("token-killer-deep").id == "token-killer-deep"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5")
     with urllib.request.urlopen(f"{service}/health") as response:
         assert json.loads(response.read()) == {"status": "ok"}

@@ -26,8 +26,10 @@ def content_of(chunk) -> str:
     return (chunk.choices[0].delta.content or "") if chunk.choices else ""
 
 
-def test_reasoning_arrives_as_steps_finish_and_the_answer_token_by_token(client, sim):
+def test_a_step_shows_the_moment_it_is_written_and_the_answer_token_by_token(client, sim):
     latency, interval = 0.3, 0.2
+    client.chat.completions.create(model=MODEL, messages=QUESTION)  # a warm service, as a user meets it
+    sim.reset()
     sim.latency = latency
     sim.token_interval = interval
     started = time.monotonic()
@@ -37,17 +39,36 @@ def test_reasoning_arrives_as_steps_finish_and_the_answer_token_by_token(client,
         arrivals.append((time.monotonic(), reasoning_of(chunk), content_of(chunk)))
     finished = time.monotonic()
 
-    first_reasoning = next(t for t, r, _ in arrivals if r)
-    # One step = thinking (L) + its validation (counterexamples L, voters L). Thinking ends
-    # with step 2's validation and fusion follows: the first step shows long before the end.
-    assert first_reasoning - started < 4.5 * latency
-    assert finished - started > 6 * latency
+    first_reasoning_at, first_reasoning, _ = next(a for a in arrivals if a[1])
+    # One thinker call (L), not its validation (two more calls deep): the step as written.
+    assert first_reasoning_at - started < latency + 0.1
+    assert first_reasoning.startswith("[thread ") and "· passed" not in first_reasoning
+    verdict_at = next(t for t, r, _ in arrivals if "· passed" in r)
+    assert verdict_at - started > 1.8 * latency  # the verdict follows (critics: one more call), on its own line
+    assert finished - started > 5 * latency
     fuser_call = next(r for r in sim.records if r.model == "sim-fuser")
     fuser_first_token = fuser_call.started + latency
     content_times = [t for t, _, c in arrivals if c]
     assert content_times[0] - fuser_first_token < interval
     # Not buffered: the six tokens arrive spread over the fuser's five token intervals.
     assert content_times[-1] - content_times[0] > 3 * interval
+
+
+def test_live_tokens_stream_the_thinkers_words_as_they_come(client, sim):
+    sim.token_interval = 0.05
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            stream=True,
+            extra_body={"token_killer": {"thinking": {"live_tokens": True, "num_threads": 1, "max_steps": 1}}},
+        )
+    )
+    pieces = [reasoning_of(c) for c in chunks if reasoning_of(c)]
+    reasoning = "".join(pieces)
+    assert "[thread 1 · step 1] We reason about the problem carefully." in reasoning
+    assert len(pieces) >= 4  # word by word, not one finished step
+    assert any(r.stream for r in sim.records if r.model == "sim-thinker")
 
 
 def test_reasoning_can_be_hidden_per_request(client, sim):
@@ -67,7 +88,7 @@ def test_usage_reasoning_tokens_are_everything_but_the_fusers_output(client, sim
     reply = client.chat.completions.create(model=MODEL, messages=QUESTION)
 
     by_role = reply.model_extra["token_killer"]["usage_by_role"]
-    assert set(by_role) == {"thinker", "counterexample", "voter", "fuser"}
+    assert set(by_role) <= {"thinker", "counterexample", "voter", "fuser"}
     fuser_completion = sum(r.completion_tokens for r in sim.records if r.model == "sim-fuser")
     assert by_role["fuser"]["completion_tokens"] == fuser_completion == 6
     details = reply.usage.completion_tokens_details
@@ -75,13 +96,24 @@ def test_usage_reasoning_tokens_are_everything_but_the_fusers_output(client, sim
     assert sum(r["calls"] for r in by_role.values()) == len(sim.records)
 
 
-def test_an_upstream_failure_mid_stream_reaches_the_client_as_an_error(client, sim):
+def test_threads_that_fail_at_once_are_a_real_502_not_a_stream(client, sim):
     sim.add_rule(Rule(model="sim-thinker", fault="400"))
-    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True)
 
-    with pytest.raises(openai.APIError, match="every reasoning thread failed"):
-        for _ in stream:
+    with pytest.raises(openai.APIStatusError, match="every reasoning thread failed") as caught:
+        for _ in client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True):
             pass
+    assert caught.value.status_code == 502
+
+
+def test_a_failure_after_the_stream_started_is_an_error_event(client, sim):
+    # Steps are written (the stream starts), then the fuser fails mid-answer: too late for a status.
+    sim.add_rule(Rule(model="sim-fuser", fault="reset"))
+
+    chunks = []
+    with pytest.raises(openai.APIError, match="fuser failed mid-answer"):
+        for chunk in client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True):
+            chunks.append(chunk)
+    assert any(reasoning_of(c) for c in chunks)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
