@@ -1,8 +1,9 @@
-"""Markers and votes as models really write them: both languages, any case, sloppy spacing."""
+"""Markers, votes, critics' answers and final answers as models really write them: both
+languages, any case, sloppy spacing."""
 
 import pytest
 
-from actors.parsing import Vote, parse_step, parse_vote
+from actors.parsing import Vote, final_answer, found_counterexample, parse_step, parse_vote
 
 
 @pytest.mark.parametrize(
@@ -55,3 +56,76 @@ def test_parse_step(text, body, complete):
 )
 def test_parse_vote(text, vote):
     assert parse_vote(text) is vote
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "NONE",
+        "none",
+        "NONE - the step holds.",
+        "**NONE**",
+        "  None.",
+        "Counterexample: none found, the step holds.",
+        "Counterexample: NONE",
+        "No counterexample.",
+        "No counter-examples found.",
+        "no errors",
+        "No issues with this step.",
+        "Nothing found.",
+        "无",
+        "反例：无",
+        "没有反例。",
+        "未发现错误",
+    ],
+)
+def test_a_critic_that_found_nothing(text):
+    assert found_counterexample(text) is False
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Counterexample: the step assumes what it should prove.",
+        "6*7 is 42, not 41.",
+        "No, the step is wrong: 6*7 = 42.",
+        "For x = 0 the division is undefined.",
+        # Words that only begin like "none" / "无" / "没有" are not "found nothing".
+        "Nonetheless, the step fails for x = 0.",
+        "无法成立：x = 0 时除数为零。",
+        "没有考虑 x = 0 的情况。",
+    ],
+)
+def test_a_critic_that_raised_something(text):
+    assert found_counterexample(text) is True
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("ANSWER: 42", "42"),
+        ("so the result is 42. ANSWER: 42 [COMPLETE]", "42"),
+        ("We multiply.\nANSWER: 42\n[COMPLETE]", "42"),
+        ("Final answer: **Paris**.", "paris"),
+        ("final answer:   New    York!", "new york"),
+        ("The answer: `x = 3`", "x = 3"),
+        ("答案：1,000。", "1000"),
+        ("答案: 42【完成】", "42"),
+        ("ANSWER: 41\nOn second thought:\nANSWER: 42", "42"),
+        ("ANSWER: \"yes\"", "yes"),
+    ],
+)
+def test_final_answer_is_normalized(text, answer):
+    assert final_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["We reason about the problem carefully. [CONTINUE]", "", "ANSWER: [COMPLETE]", "Reanswer: 5", "ANSWER 42"],
+)
+def test_no_final_answer(text):
+    assert final_answer(text) is None
+
+
+def test_final_answers_that_differ_only_in_form_are_equal():
+    assert final_answer("ANSWER: 1,000 apples.") == final_answer("answer:  1000   Apples") == "1000 apples"
