@@ -268,13 +268,15 @@ def request_settings(profile: RunSettings, overrides: dict[str, Any] | None, lim
     if settings.budget_tokens is None and limits.budget_tokens is not None:
         settings = settings.model_copy(update={"budget_tokens": limits.budget_tokens})
     ceilings = (
-        ("thinking.num_threads", settings.thinking.num_threads, limits.max_threads),
-        ("thinking.max_steps", settings.thinking.max_steps, limits.max_steps),
-        ("budget_tokens", settings.budget_tokens or 0, limits.max_budget_tokens),
+        ("thinking", "num_threads", limits.max_threads),
+        ("thinking", "max_steps", limits.max_steps),
+        (None, "budget_tokens", limits.max_budget_tokens),
     )
-    for name, value, ceiling in ceilings:
-        if overrides is not None and value > ceiling:
-            path = f"token_killer.{name}"
+    for section, name, ceiling in ceilings:  # what the request asked for; the profile's own stand
+        asked = (overrides or {}).get(section, {}) if section else overrides or {}
+        value = asked.get(name) if isinstance(asked, dict) else None
+        if value is not None and value > ceiling:
+            path = f"token_killer.{section + '.' if section else ''}{name}"
             raise SettingsError(f"'{path}' is {value}; this service allows at most {ceiling}.", path)
     return settings
 

@@ -79,7 +79,7 @@ class ContextBuilder:
         messages = summarizer_messages(self.prompts, self._steps(new), previous)
         reservation = None
         if budget is not None and budget.bounded:
-            reservation = budget.reserve(self.summarizer.estimate_prompt(messages) + self.summarizer.model.max_tokens)
+            reservation = await budget.acquire(self.summarizer.estimate_prompt(messages) + self.summarizer.model.max_tokens)
             if reservation is None:
                 return None
         spent = UsageLedger()

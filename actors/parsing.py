@@ -65,8 +65,8 @@ def parse_vote(text: str) -> Vote:
 
 
 _NO_COUNTEREXAMPLE = re.compile(
-    r"^\W*(?:none|no\s+counter[\s_-]*examples?|no\s+(?:error|errors|issue|issues|problem)s?\b|"
-    r"nothing\s+found|无|没有|未发现)",
+    r"^\W*(?:(?:none|no\s+counter[\s_-]*examples?|no\s+(?:errors?|issues?|problems?)|nothing\s+found)\b"
+    r"|(?:无|没有|未发现)(?:反例|错误|问题)?(?![\u4e00-\u9fff]))",
     re.IGNORECASE,
 )
 

@@ -171,7 +171,10 @@ class DeepThinkingRun:
         except TimeoutError:
             self.stats.usage.record_aborted("fuser", 0.0)
             yield self._fused(FusionDelta(finish_reason="length", final=True, mode="fused", reason="deadline"))
-        except (FusionBroken, FusionUnavailable):
+        except FusionBroken as exc:
+            self.stats.usage.merge(exc.usage)  # the broken call is on the record all the same
+            raise
+        except FusionUnavailable:
             raise
         except Exception as exc:
             # The Fuser replica was lost (the call was retried on another replica while nothing

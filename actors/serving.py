@@ -86,14 +86,18 @@ class ChatServing:
         self,
         config: ServiceConfig,
         prompts: PromptSet,
-        think: Think,
+        *,
+        think_stream: Think,
+        think_whole: Think,
         fuse_stream: Fuse,
         fuse_whole: Fuse,
         on_finish: Finished | None = None,
     ) -> None:
+        """`*_stream` report as they go (SSE replies); `*_whole` report once (JSON replies)."""
         self.config = config
         self.prompts = prompts
-        self.think = think
+        self.think_stream = think_stream
+        self.think_whole = think_whole
         self.fuse_stream = fuse_stream
         self.fuse_whole = fuse_whole
         self.on_finish = on_finish
@@ -250,8 +254,9 @@ class ChatServing:
     # --- replying ----------------------------------------------------------------------------
 
     def run(self, prepared: Prepared) -> DeepThinkingRun:
-        fuse = self.fuse_stream if prepared.chat.stream else self.fuse_whole
-        return DeepThinkingRun(prepared.plan, self.think, fuse)
+        if prepared.chat.stream:
+            return DeepThinkingRun(prepared.plan, self.think_stream, self.fuse_stream)
+        return DeepThinkingRun(prepared.plan, self.think_whole, self.fuse_whole)
 
     async def complete(self, prepared: Prepared) -> ChatCompletion:
         """A JSON reply: the whole run, then one body."""

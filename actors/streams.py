@@ -58,18 +58,22 @@ class Outbox(Generic[T]):
                     yield []
                     continue
             batch: list[T] = []
+            failed: _Failed | None = None
             while True:
                 if item is _CLOSED:
                     self._open -= 1
                 elif isinstance(item, _Failed):
-                    raise item.error
+                    failed = item
+                    break
                 else:
                     batch.append(item)
                 if queue.empty():
                     break
                 item = queue.get_nowait()
             if batch:
-                yield batch
+                yield batch  # what arrived before a failure is delivered first
+            if failed is not None:
+                raise failed.error
 
 
 async def batches(sources: Iterable[AsyncIterator[T]], *, idle_s: float | None = None) -> AsyncIterator[list[T]]:

@@ -242,7 +242,8 @@ class ThreadRunner:
         context = await self.context.build(earlier, request.usage, self.tag, budget=request.budget, deadline=stop_at)
         messages = request.thinker_messages(context, index + 1, challenge)
         if reservation is None:
-            reservation = request.budget.reserve(self.thinker.estimate_prompt(messages) + self.thinker.model.max_tokens)
+            estimate = self.thinker.estimate_prompt(messages) + self.thinker.model.max_tokens
+            reservation = await request.budget.acquire(estimate if request.budget.bounded else 0)
             if reservation is None:
                 self._skip(what, "budget")
                 return None
@@ -271,20 +272,29 @@ class ThreadRunner:
     async def _stream_step(self, messages: list[dict], spent: UsageLedger, index: int) -> str:
         pieces: list[str] = []
         stop_at = self.request.job.stop_at
-        async with asyncio.timeout(None if stop_at is None else max(0.0, stop_at - time.time())):
-            async for piece in self.thinker.stream(messages, spent, tag=self.tag):
-                if piece.text:
-                    pieces.append(piece.text)
-                    self.put(ThinkingTokens(self.index, index, piece.text))
+        try:
+            async with asyncio.timeout(None if stop_at is None else max(0.0, stop_at - time.time())):
+                async for piece in self.thinker.stream(messages, spent, tag=self.tag):
+                    if piece.text:
+                        pieces.append(piece.text)
+                        self.put(ThinkingTokens(self.index, index, piece.text))
+        except BaseException:
+            if pieces:  # the client saw the start of this step: say it will not be finished
+                self.put(StepDropped(self.index, index, "stopped while it was written"))
+            raise
         return "".join(pieces)
 
     async def _validate(self, context: str, step: Step) -> Verdict:
         request = self.request
-        reservation = request.budget.reserve(request.validation_estimate(context, step.text) if request.budget.bounded else 0)
+        what = f"validation of step {step.index + 1} of thread {self.index + 1}"
+        estimate = request.validation_estimate(context, step.text) if request.budget.bounded else 0
+        reservation = await request.budget.acquire(estimate)
         if reservation is None:
+            self.put(Skipped(what, "budget"))
             return Verdict(VerdictStatus.SKIPPED, reason="budget")
         if request.stopped():
             request.budget.settle(reservation, 0)
+            self.put(Skipped(what, "deadline"))
             return Verdict(VerdictStatus.SKIPPED, reason="deadline")
         job = ValidationJob(
             request.job.request_id, request.job.conversation, request.settings, context, step.text, request.job.stop_at

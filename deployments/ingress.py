@@ -77,8 +77,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def authorized(request: Request) -> None:
-    """Service keys (TOKEN_KILLER_API_KEYS), on every /v1 route."""
+async def authorized(request: Request) -> None:
+    """Service keys (TOKEN_KILLER_API_KEYS), on every /v1 route. Async: FastAPI would run a
+    plain function in a thread pool, a thread hop per request."""
     check_bearer(request.headers.get("authorization"), request.app.state.service_keys)
 
 
@@ -103,11 +104,21 @@ class Ingress:
         self.limits = config.limits
         self.in_flight = InFlightLimit(config.limits.max_in_flight, config.limits.retry_after_s)
         self.metrics = ServiceMetrics()
-        # Handles made once; one streaming call thinks a whole request, one call fuses it.
-        self.thinker = thinker.options(stream=True)
+        # Handles made once. One call thinks a whole request and one fuses it: streamed for SSE
+        # clients, whole (one message each way) for JSON clients.
+        self.thinker_stream = thinker.options(stream=True)
+        self.thinker = thinker
         self.fuser_stream = fuser.options(stream=True)
         self.fuser = fuser
-        self.serving = ChatServing(config, prompts, self._think, self._fuse_stream, self._fuse_whole, self._finished)
+        self.serving = ChatServing(
+            config,
+            prompts,
+            think_stream=self._think_stream,
+            think_whole=self._think_whole,
+            fuse_stream=self._fuse_stream,
+            fuse_whole=self._fuse_whole,
+            on_finish=self._finished,
+        )
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -158,8 +169,11 @@ class Ingress:
 
     # --- the pipeline's stages, bound to the handles --------------------------------------------
 
-    def _think(self, job: ThinkJob) -> AsyncIterator[ThinkUpdate]:
-        return stream_with_retries(lambda: self.thinker.think.remote(job))
+    def _think_stream(self, job: ThinkJob) -> AsyncIterator[ThinkUpdate]:
+        return stream_with_retries(lambda: self.thinker_stream.think.remote(job))
+
+    async def _think_whole(self, job: ThinkJob) -> AsyncIterator[ThinkUpdate]:
+        yield await call_with_retries(lambda: self.thinker.think_whole.remote(job))
 
     def _fuse_stream(self, job: FusionJob) -> AsyncIterator[FusionDelta]:
         return stream_with_retries(lambda: self.fuser_stream.fuse.remote(job))

@@ -1,4 +1,4 @@
-"""Thinker deployment: one streaming handle call runs every thread of a request.
+"""Thinker deployment: one handle call runs every thread of a request (streamed for SSE clients).
 
 The threads of a request share one replica, so its token budget and its deadline are one
 object, and their step validations go to the Validator pool batched (see
@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from actors.config import ServiceConfig
 from actors.log_setup import bind_request
 from actors.prompts import PromptSet
-from actors.schemas import ThinkJob, ThinkUpdate, ValidationJob, Verdict
+from actors.schemas import ThinkJob, ThinkUpdate, UsageLedger, ValidationJob, Verdict
 from actors.thinking import RequestThinking
 from actors.validation import ValidationBatches
 from deployments.handles import call_with_retries
@@ -30,12 +30,25 @@ class Thinker:
         self.validator = validator
 
     async def think(self, job: ThinkJob) -> AsyncIterator[ThinkUpdate]:
+        """Every thread's events as they happen (for clients that stream)."""
         bind_request(job.request_id)
+        async for update in self._thinking(job).updates():
+            yield update
+
+    async def think_whole(self, job: ThinkJob) -> ThinkUpdate:
+        """Every thread's events in one reply (for JSON clients: one message instead of many)."""
+        bind_request(job.request_id)
+        whole = ThinkUpdate([], UsageLedger(), final=True)
+        async for update in self._thinking(job).updates():
+            whole.events += update.events
+            whole.usage.merge(update.usage)
+        return whole
+
+    def _thinking(self, job: ThinkJob) -> RequestThinking:
         thinking = RequestThinking(job, self.prompts, self.replica.clients, None)
         if job.settings.validation.enabled:
             thinking.validate = ValidationBatches(self._validate, lambda: thinking.live).validate
-        async for update in thinking.updates():
-            yield update
+        return thinking
 
     async def _validate(self, jobs: list[ValidationJob]) -> list[Verdict]:
         # A lost or saturated Validator replica: the batch is asked again of another one; if the

@@ -72,7 +72,10 @@ def rig(session, upstream, **sections):
     async def fuse_whole(job):
         yield await Fuser(PROMPTS, clients["fuser"]).answer(job)
 
-    serving = ChatServing(config, PROMPTS, think, Fuser(PROMPTS, clients["fuser"]).fuse, fuse_whole)
+    serving = ChatServing(
+        config, PROMPTS, think_stream=think, think_whole=think, fuse_stream=Fuser(PROMPTS, clients["fuser"]).fuse,
+        fuse_whole=fuse_whole,
+    )
     return config, think, serving
 
 

@@ -36,12 +36,12 @@ def content_of(chunks) -> str:
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_an_answer_limit_caps_the_fusers_tokens_and_says_length(client, sim, field, stream):
     reply = client.chat.completions.create(model=MODEL, messages=QUESTION, stream=stream, **{field: 5})
+    chunks = list(reply) if stream else []
 
     [fuser] = fuser_calls(sim)
     assert fuser.request["max_tokens"] == 5
     assert fuser.completion_tokens == 5
     if stream:
-        chunks = list(reply)
         assert content_of(chunks) == "The fused final answer is"
         assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
     else:
@@ -112,11 +112,12 @@ def test_structured_output_with_the_sdks_parse(client, sim):
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_logprobs_of_the_answer_come_back(client, sim, stream):
     reply = client.chat.completions.create(model=MODEL, messages=QUESTION, logprobs=True, top_logprobs=2, stream=stream)
+    chunks = list(reply) if stream else []
 
     request = fuser_calls(sim)[0].request
     assert (request["logprobs"], request["top_logprobs"]) == (True, 2)
     if stream:
-        entries = [e for c in reply if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     else:
         entries = reply.choices[0].logprobs.content
     assert [e.token for e in entries] == ["The", " fused", " final", " answer", " is", " 42."]

@@ -57,15 +57,19 @@ def test_n_sampling_asks_once_and_makes_up_what_an_upstream_ignores(client, sim)
     sim.reset()
     sim.supports_n = False  # a provider that answers one choice whatever `n` says
     try:
-        reply = client.chat.completions.create(model="token-killer", messages=QUESTION)
-        client.chat.completions.create(model="token-killer", messages=QUESTION)
+        # Each Validator replica learns it from its first answer; soon no call asks for n again.
+        for attempt in range(6):
+            sim.reset()
+            reply = client.chat.completions.create(model="token-killer", messages=QUESTION)
+            assert reply.model_extra["token_killer"]["steps_validated"] == 6
+            critics = [r for r in sim.records if r.model == "sim-counterexample"]
+            assert len(critics) == 6 * 3  # every answer there, made up with separate calls
+            if not any(r.n > 1 for r in sim.records):
+                break
+        else:
+            pytest.fail("the validators kept asking an upstream that ignores n for n choices")
     finally:
         sim.supports_n = True
-    assert reply.model_extra["token_killer"]["steps_validated"] == 6
-    critics = [r for r in sim.records if r.model == "sim-counterexample"]
-    # Asked with n once per replica at most, then one call per answer.
-    assert sum(r.n > 1 for r in critics) <= 2
-    assert len(critics) >= 2 * 6 * 3 - 2 * 2
 
 
 def test_overrides_shape_one_request(client, sim):
