@@ -29,8 +29,8 @@ def _extension_stats(record: dict, ext: dict | None) -> None:
     record["threads_kept"] = ext.get("threads_kept")
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, stream: bool, t0: float) -> dict:
-    body = {"model": "token-killer", "messages": QUESTION}
+async def one_request(session: aiohttp.ClientSession, url: str, stream: bool, t0: float, model: str) -> dict:
+    body = {"model": model, "messages": QUESTION}
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -88,7 +88,7 @@ def _error_code(data: bytes) -> str:
 
 
 async def run(url: str, concurrency: int, duration: float | None, requests: int | None, stream: bool,
-              timeout: float) -> dict:
+              timeout: float, model: str) -> dict:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
     endpoint = url.rstrip("/") + "/v1/chat/completions"
@@ -101,7 +101,7 @@ async def run(url: str, concurrency: int, duration: float | None, requests: int 
         nonlocal started
         while (deadline is None or time.perf_counter() < deadline) and (requests is None or started < requests):
             started += 1
-            records.append(await one_request(session, endpoint, stream, t0))
+            records.append(await one_request(session, endpoint, stream, t0, model))
 
     try:
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -123,10 +123,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    parser.add_argument("--model", default="token-killer-classic", help="the profile to ask for")
     args = parser.parse_args()
     if args.duration is None and args.requests is None:
         parser.error("give --duration or --requests")
-    result = asyncio.run(run(args.url, args.concurrency, args.duration, args.requests, args.stream, args.timeout))
+    result = asyncio.run(
+        run(args.url, args.concurrency, args.duration, args.requests, args.stream, args.timeout, args.model)
+    )
     print(json.dumps(result))
 
 

@@ -39,7 +39,9 @@ from bench.procs import (
 )
 from bench.service import (
     BIN,
+    MODEL,
     ROOT,
+    SCENARIO,
     WORK,
     app_config,
     calls_per_request,
@@ -76,8 +78,8 @@ def wait_for_quiet_machine(skip: bool) -> None:
 
 
 def run_load(url: str, concurrency: int, *, stream: bool = False, duration: float | None = None,
-             requests: int | None = None) -> dict:
-    args = [sys.executable, "-m", "bench.load", "--url", url, "--concurrency", str(concurrency)]
+             requests: int | None = None, model: str = MODEL) -> dict:
+    args = [sys.executable, "-m", "bench.load", "--url", url, "--concurrency", str(concurrency), "--model", model]
     args += ["--stream"] if stream else []
     args += ["--duration", str(duration)] if duration else []
     args += ["--requests", str(requests)] if requests else []
@@ -130,7 +132,7 @@ class Bench:
             "serve_overrides": self.args.override,
         }
         log(f"simulated upstream on :{self.up_port} (latency {LATENCY_S} s)")
-        self.upstream = start_upstream(self.up_port, LATENCY_S)
+        self.upstream = start_upstream(self.up_port, LATENCY_S, scenario=SCENARIO)
         app_yaml = write_yaml(WORK / "bench_app.yaml", app)
         serve_yaml = write_yaml(WORK / "bench_serve.yaml", serve)
         log(f"serve run {serve_yaml.relative_to(ROOT)} on :{self.http_port}")
@@ -208,7 +210,7 @@ class Bench:
         a = self.args
         log(f"restarting the simulated upstream with latency {BURST_LATENCY_S} s")
         self.upstream.stop()
-        self.upstream = start_upstream(self.up_port, BURST_LATENCY_S)
+        self.upstream = start_upstream(self.up_port, BURST_LATENCY_S, scenario=SCENARIO)
         self.sampler.set_upstream(self.upstream.pid)
         # Start from the minimum replica counts, as a burst on an idle service would (and so the
         # fall after the levels' peak is on record too).
@@ -249,7 +251,10 @@ class Bench:
         try:
             ready = time.monotonic() - started
             url = f"http://127.0.0.1:{port}"
-            runs = [run_load(url, 1, requests=1, stream=stream)["records"][0] for stream in (False, True)]
+            runs = [
+                run_load(url, 1, requests=1, stream=stream, model="token-killer")["records"][0]
+                for stream in (False, True)
+            ]
         finally:
             proc.stop()
         self.results["embedded"] = {"startup_s": round(ready, 1), "non_stream": runs[0], "stream": runs[1]}

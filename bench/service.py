@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,66 +17,50 @@ from typing import Any
 
 import yaml
 
+from tests.support import free_port, shipped_serve_config, sim_config_dict  # noqa: F401  (free_port: bench.run)
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WORK = ROOT / "bench" / "work"  # generated configs and logs (git-ignored)
-ROLES = ("thinker", "counterexample", "voter", "summarizer", "fuser")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- configs -----------------------------------------------------------------------------------
 
 
-def app_config(base_url: str) -> dict[str, Any]:
-    """The original pipeline shape, every role on the simulated upstream.
+# The profile every load level runs: the original's behaviour (no economy mechanism), so every
+# request makes every call of the original's shape.
+MODEL = "token-killer-classic"
+# The simulated upstream's replies: critics raise counterexamples, voters keep every step, so
+# validation takes its full path (counterexamples, then votes) and no step is redone.
+SCENARIO = "challenged-pass"
 
-    The simulated upstream's CLI answers "Simulated answer." to every call: no [COMPLETE] marker
-    (every thread runs all max_steps) and no readable vote (every step fails validation). With
-    `on_fail: revise` each failed step would be redone, adding calls; `flag` keeps the step, so
-    the shape stays exactly 43 calls per request with the same critical path as passing steps.
-    """
-    return {
-        "served_model_name": "token-killer",
-        "prompts": "en",
-        "show_reasoning": True,
-        "models": {
-            role: {"base_url": base_url, "model": f"sim-{role}", "max_tokens": 64, "timeout_s": 30}
-            for role in ROLES
-        },
-        "thinking": {"num_threads": 3, "max_steps": 2},
-        "validation": {
-            "enabled": True,
-            "num_counterexamples": 3,
-            "num_voters": 3,
-            "pass_threshold": 2,
-            "on_fail": "flag",
-        },
-        "context": {"strategy": "smart", "preserve_recent_steps": 2},
-        "fusion": {"strategy": "intelligent"},
-        "upstream": {"max_attempts": 3, "backoff_initial_s": 0.2, "backoff_max_s": 5, "max_connections": 0},
-        "limits": {"max_in_flight": 1100, "deadline_s": 600},
-    }
+
+def app_config(base_url: str) -> dict[str, Any]:
+    """The original pipeline shape, every role on the simulated upstream: 3 threads × 2 steps,
+    3 counterexamples + 3 voters (pass threshold 2), LLM fusion."""
+    config = sim_config_dict(
+        base_url,
+        thinking={"num_threads": 3, "max_steps": 2},
+        validation={"num_counterexamples": 3, "num_voters": 3, "pass_threshold": 2, "on_fail": "revise"},
+        upstream={"max_attempts": 3, "backoff_initial_s": 0.2, "backoff_max_s": 5, "max_connections": 0},
+        limits={"max_in_flight": 1100, "deadline_s": 600},
+    )
+    for model in config["models"].values():
+        model["timeout_s"] = 30
+    return config
 
 
 def serve_config(port: int, embedded: bool = False) -> dict[str, Any]:
     """serve_config.yaml with only the HTTP port changed (and the `local` app dropped unless embedded)."""
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["http_options"]["port"] = port
-    if not embedded:
-        config["applications"] = [a for a in config["applications"] if a["name"] != "local"]
-    return config
+    return shipped_serve_config(port, embedded=embedded)
 
 
 def calls_per_request(app: dict[str, Any]) -> int:
-    """threads × steps × (1 thinker + counterexamples + voters) + 1 fuser (no summary below 4 steps)."""
+    """threads × steps × (1 thinker + counterexamples + voters) + 1 fuser (no summary below 4 steps),
+    for the classic profile, which asks every call separately."""
     t, v = app["thinking"], app["validation"]
-    per_step = 1 + (v["num_counterexamples"] + v["num_voters"] if v["enabled"] else 0)
-    return t["num_threads"] * t["max_steps"] * per_step + (app["fusion"]["strategy"] == "intelligent")
+    per_step = 1 + (v["num_counterexamples"] + v["num_voters"] if v.get("enabled", True) else 0)
+    return t["num_threads"] * t["max_steps"] * per_step + (app.get("fusion", {}).get("strategy", "intelligent") == "intelligent")
 
 
 def critical_path(app: dict[str, Any], latency: float) -> float:
@@ -91,13 +74,11 @@ def critical_path(app: dict[str, Any], latency: float) -> float:
         steps × thinker  +  validation (counterexamples ∥, THEN voters ∥: 2 calls deep)  +  fuser
         = (2 + 2 + 1) × 0.2 s = 1.0 s   for the bench shape
 
-    (Smart context summarises middle steps only from the 4th step on: no summarizer call here.
-    Before commit 2de554c, step k+1's validation waited for step k's verdict, which made it
-    T + (n−1)·max(T, V) + V + F = 1.2 s.)
+    (Smart context summarises middle steps only from the 4th step on: no summarizer call here.)
     """
     steps = app["thinking"]["max_steps"]
-    validation = 2 if app["validation"]["enabled"] else 0
-    fusion = 1 if app["fusion"]["strategy"] == "intelligent" else 0
+    validation = 2 if app["validation"].get("enabled", True) else 0
+    fusion = 1 if app.get("fusion", {}).get("strategy", "intelligent") == "intelligent" else 0
     return (steps + validation + fusion) * latency
 
 
@@ -178,10 +159,19 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def start_upstream(port: int, latency: float, token_interval: float = 0.0) -> Proc:
+def start_upstream(port: int, latency: float, token_interval: float = 0.0, scenario: str | None = None,
+                   prefix_cache: bool = False, supports_n: bool = True) -> Proc:
+    """The simulated upstream's CLI; `scenario` names role-aware replies (tests/scenarios.py),
+    None keeps "Simulated answer." for every call."""
     args = [sys.executable, "-m", "tests.simulated_upstream", "--port", str(port), "--latency", str(latency)]
     if token_interval:
         args += ["--token-interval", str(token_interval)]
+    if scenario is not None:
+        args += ["--scenario", scenario]
+    if prefix_cache:
+        args.append("--prefix-cache")
+    if not supports_n:
+        args.append("--no-n")
     proc = Proc(args, WORK / f"upstream-{port}.log")
     _wait_ready(f"http://127.0.0.1:{port}/v1/models", proc.popen, proc.log, 30)
     return proc
