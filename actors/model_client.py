@@ -289,12 +289,19 @@ class ModelClient:
     # --- internals ------------------------------------------------------------------------
 
     async def _complete(
-        self, messages: Messages, usage: UsageLedger, tag: str, deadline: float | None, max_tokens: int | None, n: int
+        self,
+        messages: Messages,
+        usage: UsageLedger,
+        tag: str,
+        deadline: float | None,
+        max_tokens: int | None,
+        n: int,
+        bodies: dict | None = None,
     ) -> list[str]:
         started = time.monotonic()
         extra = {"max_tokens": max_tokens} if max_tokens else None
         try:
-            endpoint, body = await self._call(messages, tag, deadline, extra, n, self._post_json)
+            endpoint, body = await self._call(messages, tag, deadline, extra, n, self._post_json, bodies=bodies)
         except asyncio.CancelledError:
             usage.record_aborted(self.role, time.monotonic() - started)
             raise
@@ -317,11 +324,14 @@ class ModelClient:
     async def _separately(
         self, messages: Messages, usage: UsageLedger, n: int, tag: str, deadline: float | None
     ) -> list[str]:
+        bodies: dict = {}  # the same request n times: serialised once
         if n == 1:
-            return [await self.complete(messages, usage, tag=tag, deadline=deadline)]
+            return await self._complete(messages, usage, tag, deadline, None, 1, bodies)
         results = await asyncio.gather(
-            *(self.complete(messages, usage, tag=tag, deadline=deadline) for _ in range(n)), return_exceptions=True
+            *(self._complete(messages, usage, tag, deadline, None, 1, bodies) for _ in range(n)),
+            return_exceptions=True,
         )
+        results = [r[0] if isinstance(r, list) else r for r in results]
         texts = [r for r in results if isinstance(r, str)]
         errors = [r for r in results if not isinstance(r, str)]
         for error in errors:
@@ -352,18 +362,23 @@ class ModelClient:
                 self.tokens_per_char = 0.9 * self.tokens_per_char + 0.1 * ratio
             self._calibrated = True
 
-    async def _call(self, messages, tag, deadline, extra, n, send, **kwargs):
-        """Each endpoint in turn, each with its retries; the last endpoint's error is raised."""
+    async def _call(self, messages, tag, deadline, extra, n, send, bodies: dict | None = None, **kwargs):
+        """Each endpoint in turn, each with its retries; the last endpoint's error is raised.
+        `bodies` keeps the serialised request per endpoint for calls that repeat it."""
         # One id for every attempt of this call, so upstream logs (and tests) can tell retries.
         headers = {REQUEST_TAG_HEADER: tag, CALL_ID_HEADER: f"{_CALL_PREFIX}{next(_call_ids)}"}
         last = len(self.endpoints) - 1
         for number, endpoint in enumerate(self.endpoints):
-            payload = {**endpoint.payload, "messages": messages}
-            if n > 1:
-                payload["n"] = n
-            if extra:
-                payload.update(extra)
-            body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+            body = bodies.get(number) if bodies is not None else None
+            if body is None:
+                payload = {**endpoint.payload, "messages": messages}
+                if n > 1:
+                    payload["n"] = n
+                if extra:
+                    payload.update(extra)
+                body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+                if bodies is not None:
+                    bodies[number] = body
             try:
                 result = await self._attempts(send, endpoint, body, {**endpoint.headers, **headers}, deadline, **kwargs)
                 return endpoint, result

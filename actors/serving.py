@@ -57,6 +57,9 @@ from actors.streams import batches
 log = structlog.get_logger(__name__)
 
 FUSER_ROLE = "fuser"
+# SSE writes less than this apart are merged (each is a message to the HTTP proxy); the first
+# write of a quiet spell goes at once.
+SSE_SPACING_S = 0.02
 # Events a client sees as the stream's start: a step, its tokens, or the answer.
 _SHOWS = (StepWritten, ThinkingTokens, FusionDelta)
 
@@ -279,7 +282,7 @@ class ChatServing:
         for a real status code); the returned iterator sends them and the rest."""
         run = self.run(prepared)
         reply = _Reply(prepared, live=True)
-        events = batches([run.events()], idle_s=self.config.stream_keepalive_s)
+        events = batches([run.events()], idle_s=self.config.stream_keepalive_s, spacing_s=SSE_SPACING_S)
         first: list = []
         try:
             # Until a step or the answer shows (or a keepalive is due), an error can still be a
@@ -300,27 +303,30 @@ class ChatServing:
         return self._sse(prepared, run, reply, first, events)
 
     async def _sse(self, prepared, run, reply: "_Reply", first: list, events: AsyncIterator[list]) -> AsyncIterator[str]:
+        # One write per batch of events: each write is a message from this replica to the HTTP
+        # proxy, so the role chunk goes with the first events and the end in one piece.
         outcome = "cancelled"
+        opening = reply.sse(Delta(role="assistant", content=""))
+        ending = ""
         try:
-            yield reply.sse(Delta(role="assistant", content=""))
             batch: list | None = first
             while batch is not None:
-                if not batch:
-                    yield ": keepalive\n\n"
-                for line in reply.sse_batch(batch):
-                    yield line
+                text = opening + ("".join(reply.sse_batch(batch)) if batch else ": keepalive\n\n")
+                opening = ""
+                if text:
+                    yield text
                 batch = await anext(events, None)
-            yield reply.sse(Delta(), finish_reason=reply.finish_reason)
+            ending = reply.sse(Delta(), finish_reason=reply.finish_reason)
             if prepared.chat.include_usage:
-                yield reply.usage_chunk(run, self._extension(prepared, run))
+                ending += reply.usage_chunk(run, self._extension(prepared, run))
             outcome = "ok"
         except Exception as exc:  # noqa: BLE001 - the status is sent; report in-band
             outcome = "failed"
-            yield "data: " + self.error_for(exc, prepared.request_id).response().model_dump_json() + "\n\n"
+            ending = opening + "data: " + self.error_for(exc, prepared.request_id).response().model_dump_json() + "\n\n"
         finally:
             await events.aclose()
             self._finish(prepared, run, outcome)
-        yield "data: [DONE]\n\n"
+        yield ending + "data: [DONE]\n\n"
 
     def error_for(self, exc: BaseException, request_id: str) -> APIError:
         """The client's view of a failure: real causes named, internal detail never."""

@@ -43,10 +43,15 @@ class Outbox(Generic[T]):
     def fail(self, error: BaseException) -> None:
         self._queue.put_nowait(_Failed(error))
 
-    async def batches(self, *, idle_s: float | None = None) -> AsyncIterator[list[T]]:
+    async def batches(self, *, idle_s: float | None = None, spacing_s: float = 0.0) -> AsyncIterator[list[T]]:
         """Batches until every writer has closed; a writer's failure is raised here. With
-        `idle_s`, an empty batch comes after that long without an item (a keepalive)."""
+        `idle_s`, an empty batch comes after that long without an item (a keepalive). With
+        `spacing_s`, a batch that follows the previous one sooner than that waits out the rest
+        of the interval, gathering what else arrives (the first item of a quiet spell still
+        goes at once): fewer, fuller messages for a busy stream."""
         queue = self._queue
+        loop = asyncio.get_running_loop()
+        last = -spacing_s
         while self._open:
             if idle_s is None or not queue.empty():
                 item = await queue.get()
@@ -57,6 +62,9 @@ class Outbox(Generic[T]):
                 except TimeoutError:
                     yield []
                     continue
+            wait = spacing_s - (loop.time() - last)
+            if wait > 0:
+                await asyncio.sleep(wait)
             batch: list[T] = []
             failed: _Failed | None = None
             while True:
@@ -71,12 +79,15 @@ class Outbox(Generic[T]):
                     break
                 item = queue.get_nowait()
             if batch:
+                last = loop.time()
                 yield batch  # what arrived before a failure is delivered first
             if failed is not None:
                 raise failed.error
 
 
-async def batches(sources: Iterable[AsyncIterator[T]], *, idle_s: float | None = None) -> AsyncIterator[list[T]]:
+async def batches(
+    sources: Iterable[AsyncIterator[T]], *, idle_s: float | None = None, spacing_s: float = 0.0
+) -> AsyncIterator[list[T]]:
     """The items of every source as they arrive, in batches (see `Outbox`). A source's exception
     is raised here; the other sources are then cancelled. Ends when every source has."""
     sources = list(sources)
@@ -93,7 +104,7 @@ async def batches(sources: Iterable[AsyncIterator[T]], *, idle_s: float | None =
 
     pumps = [asyncio.ensure_future(pump(source)) for source in sources]
     try:
-        async for batch in outbox.batches(idle_s=idle_s):
+        async for batch in outbox.batches(idle_s=idle_s, spacing_s=spacing_s):
             yield batch
     finally:
         for task in pumps:

@@ -76,7 +76,9 @@ class RequestThinking:
         self.outbox: Outbox[ThinkEvent] = Outbox(0)
         self.live = 0  # threads still running: a validation batch is full with one step of each
 
-    async def updates(self) -> AsyncIterator[ThinkUpdate]:
+    async def updates(self, spacing_s: float = 0.0) -> AsyncIterator[ThinkUpdate]:
+        """What happens, as it happens. With `spacing_s`, events that follow each other closely
+        travel together (see `Outbox.batches`)."""
         starts: list[tuple[int, Reservation]] = []
         skipped: list[ThinkEvent] = []
         first_step = self.first_step_estimate() if self.budget.bounded else 0
@@ -92,7 +94,7 @@ class RequestThinking:
         try:
             if skipped:
                 yield ThinkUpdate(skipped)
-            async for events in self.outbox.batches():
+            async for events in self.outbox.batches(spacing_s=spacing_s):
                 yield ThinkUpdate(events, self.usage.take())
             yield ThinkUpdate([], self.usage.take(), final=True)
         finally:

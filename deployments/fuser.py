@@ -18,7 +18,7 @@ from deployments.replica import ReplicaResources
 
 @serve.deployment
 class Fuser:
-    def __init__(self, config: ServiceConfig, prompts: PromptSet) -> None:
+    async def __init__(self, config: ServiceConfig, prompts: PromptSet) -> None:
         self.replica = ReplicaResources(config)
         self.fuser = FusionRole(prompts, self.replica.clients["fuser"])
 

@@ -4,6 +4,7 @@ Replies are built by `actors/serving.py`; errors of every kind leave in the Open
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at import time.
+import asyncio
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from actors.schemas import FusionDelta, FusionJob, ThinkJob, ThinkUpdate
 from actors.serving import ChatServing, Prepared, internal_error
 from deployments.handles import call_with_retries, stream_with_retries
 from deployments.metrics import ServiceMetrics
+from deployments.replica import give_memory_back
 
 log = structlog.get_logger(__name__)
 
@@ -96,10 +98,11 @@ async def _released(lines: AsyncIterator[str], release) -> AsyncIterator[str]:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(
+    async def __init__(
         self, config: ServiceConfig, prompts: PromptSet, thinker: DeploymentHandle, fuser: DeploymentHandle
     ) -> None:
         configure_logging()
+        self._trimmer = asyncio.get_running_loop().create_task(give_memory_back())
         app.state.service_keys = config.service_api_keys
         self.limits = config.limits
         self.in_flight = InFlightLimit(config.limits.max_in_flight, config.limits.retry_after_s)

@@ -1,15 +1,26 @@
 """What every role replica owns, made once when it starts and released when it stops.
 
 One `aiohttp.ClientSession` (never one per call, never a new event loop), the replica's metrics,
-and one `ModelClient` per role on that session.
+one `ModelClient` per role on that session, and a watch that gives memory back after load.
 """
 
 from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import resource
+
+import structlog
 
 from actors.config import ServiceConfig
 from actors.log_setup import configure_logging
 from actors.model_client import ModelClient, open_session, role_clients
 from deployments.metrics import ServiceMetrics
+
+log = structlog.get_logger(__name__)
+
+TRIM_EVERY_S = 20.0
 
 
 class ReplicaResources:
@@ -18,6 +29,33 @@ class ReplicaResources:
         self.session = open_session(config.upstream)
         self.metrics = ServiceMetrics()
         self.clients: dict[str, ModelClient] = role_clients(self.session, config, self.metrics)
+        self._trimmer = asyncio.get_running_loop().create_task(give_memory_back())
 
     async def close(self) -> None:
+        self._trimmer.cancel()
         await self.session.close()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+async def give_memory_back(every_s: float = TRIM_EVERY_S) -> None:
+    """After a burst, a replica's freed memory stays in the allocator's arenas (RSS does not
+    fall by itself); when RSS has grown past the idle size, collect and return free pages."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return
+    idle_mb = previous_mb = _rss_mb()
+    while True:
+        await asyncio.sleep(every_s)
+        now_mb = _rss_mb()
+        growing, previous_mb = now_mb > previous_mb, now_mb
+        if growing or now_mb < idle_mb * 1.2:
+            continue  # still taking load on, or nothing to give back
+        gc.collect()
+        libc.malloc_trim(0)
+        previous_mb = _rss_mb()
+        log.info("memory_trimmed", rss_mb_before=round(now_mb), rss_mb_after=round(previous_mb))

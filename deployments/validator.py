@@ -16,7 +16,7 @@ from deployments.replica import ReplicaResources
 
 @serve.deployment
 class Validator:
-    def __init__(self, config: ServiceConfig, prompts: PromptSet) -> None:
+    async def __init__(self, config: ServiceConfig, prompts: PromptSet) -> None:
         self.replica = ReplicaResources(config)
         clients = self.replica.clients
         self.validator = StepValidator(prompts, clients["counterexample"], clients["voter"])

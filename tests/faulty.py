@@ -28,7 +28,10 @@ class Broken(RuntimeError):
 class BrokenThinker(Thinker.func_or_class):
     async def think(self, job):
         raise Broken("a bug in the thinker")
-        yield  # noqa: unreachable - makes this an async generator like the real one
+        yield  # unreachable: makes this an async generator like the real one
+
+    async def think_whole(self, job):
+        raise Broken("a bug in the thinker")
 
 
 @serve.deployment(name="Validator")
@@ -41,7 +44,7 @@ class BrokenValidator(Validator.func_or_class):
 class BrokenFuser(Fuser.func_or_class):
     async def fuse(self, job):
         raise Broken("a bug in the fuser")
-        yield  # noqa: unreachable
+        yield  # unreachable: makes this an async generator like the real one
 
     async def answer(self, job):
         raise Broken("a bug in the fuser")

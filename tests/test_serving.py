@@ -68,8 +68,10 @@ class Rig:
         return await self.serving.complete(self.prepare(**body))
 
     async def stream(self, **body) -> list[str]:
-        lines = await self.serving.stream(self.prepare(stream=True, **body))
-        return [line async for line in lines]
+        """The SSE events of a stream, one per item (a write may carry several)."""
+        writes = await self.serving.stream(self.prepare(stream=True, **body))
+        text = "".join([write async for write in writes])
+        return [event + "\n\n" for event in text.split("\n\n") if event]
 
 
 @pytest.fixture
