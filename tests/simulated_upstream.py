@@ -7,8 +7,16 @@ exact token accounting and cancellation.
 
 Tokens are whitespace-separated words, so expected usage is easy to compute by hand.
 
+Beyond plain text it speaks the request fields real providers honour, so callers can be
+tested on them: ``n`` choices (or ignores it, like some providers: ``supports_n=False``),
+``logprobs`` / ``top_logprobs``, ``tools`` / ``tool_choice`` (and ``Rule.tool_call``),
+``response_format`` (``json_object`` and ``json_schema``), ``stop``, and a prefix cache
+reported as ``usage.prompt_tokens_details.cached_tokens`` (``prefix_cache=True``).
+A feature the request does not use costs a dict lookup at most.
+
 CLI (for the benchmark):
     python -m tests.simulated_upstream --port 9100 --latency 0.2 [--token-interval 0.0]
+        [--scenario pass] [--complete-at 2] [--no-n] [--prefix-cache]
 """
 
 from __future__ import annotations
@@ -21,13 +29,13 @@ import re
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from aiohttp import web
 
-FAULTS = ("500", "502", "503", "429", "400", "401", "hang", "malformed", "drop")
+FAULTS = ("500", "502", "503", "429", "400", "401", "hang", "malformed", "drop", "reset")
 
 # OpenAI-shaped error bodies: (type, code) per status.
 _ERRORS = {
@@ -42,6 +50,11 @@ _ERRORS = {
 # A word plus the whitespace before it: joining pieces gives back the original text
 # (newlines included), while the piece count is exactly the word count.
 _PIECE = re.compile(r"\s*\S+")
+
+# Values of generated JSON: tool-call arguments (only `required` properties) and
+# response_format json_schema instances (every property).
+_TOOL_ARG_VALUES = {"string": "x", "integer": 1, "number": 1.5, "boolean": True}
+_SCHEMA_VALUES = {"string": "text", "integer": 42, "number": 4.2, "boolean": True}
 
 
 def default_reply(request_json: dict) -> str:
@@ -75,6 +88,95 @@ def split_reply(reply: str, max_tokens: int | None) -> tuple[list[str], str]:
     return pieces, "stop"
 
 
+def cut_at_stop(text: str, stop: Any) -> str:
+    """`text` up to (not including) the first occurrence of any stop string."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    found = [i for s in stops if isinstance(s, str) and s and (i := text.find(s)) >= 0]
+    return text[: min(found)] if found else text
+
+
+def schema_instance(schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """A JSON instance of a JSON schema: every object property, one array item, the first
+    enum value / anyOf branch / non-null type; `$ref`s into `$defs` resolved."""
+    root = schema if root is None else root
+    if not isinstance(schema, dict) or depth > 32:  # depth: recursive models end in null
+        return None
+    if isinstance(schema.get("$ref"), str):
+        return schema_instance(_resolve_ref(root, schema["$ref"]), root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return schema_instance(schema[key][0], root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):  # ["string", "null"]: the first real type
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties") or {}
+        return {name: schema_instance(sub, root, depth + 1) for name, sub in props.items()}
+    if kind == "array":
+        return [schema_instance(schema.get("items") or {}, root, depth + 1)]
+    return _SCHEMA_VALUES.get(kind) if isinstance(kind, str) else None
+
+
+def _resolve_ref(root: Any, ref: str) -> Any:
+    """A local JSON pointer ("#/$defs/Item"); anything else resolves to nothing."""
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for part in ref[1:].split("/"):
+        if part:
+            part = part.replace("~1", "/").replace("~0", "~")
+            node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def format_reply(text: str, response_format: Any) -> str:
+    """The reply as the requested response_format would shape it (text otherwise)."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return json.dumps({"answer": text})
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return json.dumps(schema_instance(schema))
+    return text
+
+
+def forced_tool_call(req: dict) -> dict | None:
+    """The call `tool_choice` forces ("required": the first tool; a named function: that one),
+    as {"name", "arguments"}, arguments built from the schema's required properties."""
+    tools, choice = req.get("tools"), req.get("tool_choice")
+    if not tools or not isinstance(tools, list):
+        return None
+    functions = [t.get("function") or {} for t in tools if isinstance(t, dict)]
+    if choice == "required":
+        function = functions[0] if functions else {}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        function = next((f for f in functions if f.get("name") == name), {"name": name})
+    else:
+        return None
+    params = function.get("parameters") or {}
+    props = params.get("properties") or {}
+    arguments = {}
+    for name in params.get("required") or []:
+        kind = (props.get(name) or {}).get("type")
+        arguments[name] = _TOOL_ARG_VALUES.get(kind) if isinstance(kind, str) else None
+    return {"name": function.get("name") or "", "arguments": arguments}
+
+
+def logprob_entry(piece: str, top: int) -> dict:
+    """Deterministic logprobs of one piece (from its length); top_logprobs lead with the piece."""
+    logprob = round(-0.01 * (1 + len(piece) % 10), 2)
+    alternatives = [{"token": piece, "logprob": logprob, "bytes": list(piece.encode())}]
+    for j in range(1, top):
+        alt = f" alt{j}"
+        alternatives.append({"token": alt, "logprob": logprob - j, "bytes": list(alt.encode())})
+    return {"token": piece, "logprob": logprob, "bytes": list(piece.encode()), "top_logprobs": alternatives[:top]}
+
+
 @dataclass
 class Rule:
     """A scripted answer: first live rule matching model and prompt text wins."""
@@ -86,6 +188,8 @@ class Rule:
     retry_after: float | None = None  # Retry-After for a "429" fault (default: retry_after_s)
     times: int | None = None  # matches this many times then expires; None = forever
     latency: float | None = None  # overrides the server latency
+    # Answer with this tool call instead of text: {"name": ..., "arguments": {...} or a JSON string}.
+    tool_call: dict | None = None
 
     def __post_init__(self) -> None:
         if self.fault is not None and self.fault not in FAULTS:
@@ -111,14 +215,29 @@ class CallRecord:
     authorization: str | None  # Authorization request header (to check keys are sent)
     started: float  # time.monotonic()
     finished: float | None = None
-    status: int | str | None = None  # HTTP status, or "drop" / "hang"
+    status: int | str | None = None  # HTTP status, or "drop" / "hang" / "reset"
     fault: str | None = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0  # words actually sent (0 for faults)
-    finish_reason: str | None = None
+    # Words actually sent, summed over choices (0 for faults; for a "reset" stream, those sent
+    # before the cut; for a "reset" JSON body, 0: nothing usable reached the client).
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # of choice 0
     usage_reported: bool = False  # the usage block reached the client
     completed: bool = False  # a successful response was fully sent
     cancelled: bool = False  # client went away (or server stopped) before completion
+    n: int = 1  # choices asked for (request "n"); served only with supports_n
+    cached_tokens: int = 0  # prompt words served from the prefix cache (prefix_cache only)
+
+
+@dataclass
+class _Choice:
+    """One choice's pieces as served: words of the text, or a tool call's pieces (the name
+    piece first, then argument fragments): each piece is one completion token."""
+
+    pieces: list[str]
+    finish: str
+    tool_call_id: str | None = None  # set when the choice is a tool call
+    logprobs: list[dict] | None = None  # one entry per piece, when asked for
 
 
 class SimulatedUpstream:
@@ -135,6 +254,10 @@ class SimulatedUpstream:
         retry_after_s: float = 1.0,
         models: tuple[str, ...] = ("simulated",),
         max_records: int | None = None,
+        supports_n: bool = True,
+        prefix_cache: bool = False,
+        cache_block: int = 16,
+        cache_entries: int = 4096,
     ) -> None:
         self.latency = latency
         self.token_interval = token_interval
@@ -142,6 +265,15 @@ class SimulatedUpstream:
         self.fault_rates: dict[str, float] = dict(fault_rates or {})
         self.retry_after_s = retry_after_s
         self.models = models
+        # False: "n" is ignored and one choice comes back, as from providers without it.
+        self.supports_n = supports_n
+        # Prefix cache: a call's cached_tokens is the longest prefix of its prompt words, in
+        # whole cache_blocks, that an earlier call's prompt started with. Off: usage carries
+        # no prompt_tokens_details at all (like providers without caching).
+        self.prefix_cache = prefix_cache
+        self.cache_block = cache_block
+        self.cache_entries = cache_entries  # block-prefix hashes kept (LRU)
+        self._prefixes: OrderedDict[int, None] = OrderedDict()
         self._rng = random.Random(seed)
         # Tests mutate rules / read records from other threads than the server's loop.
         self._lock = threading.Lock()
@@ -228,10 +360,12 @@ class SimulatedUpstream:
             self._rules.clear()
 
     def reset(self) -> None:
-        """Forget records and rules (fault_rates are kept)."""
+        """Forget records, rules and cached prefixes (fault_rates and settings are kept)."""
         with self._lock:
             self._rules.clear()
             self._records.clear()
+            # Rebound, not cleared: the server loop may be using the old one right now.
+            self._prefixes = OrderedDict()
 
     @property
     def records(self) -> list[CallRecord]:
@@ -248,6 +382,11 @@ class SimulatedUpstream:
         with self._lock:
             done = [r for r in self._records if r.usage_reported]
         return sum(r.prompt_tokens for r in done), sum(r.completion_tokens for r in done)
+
+    def served_cached_tokens(self) -> int:
+        """cached_tokens over calls whose usage reached the client."""
+        with self._lock:
+            return sum(r.cached_tokens for r in self._records if r.usage_reported)
 
     def _pick(self, model: str | None, text: str) -> tuple[Rule | None, str | None]:
         """The matching rule (consuming one use) and a fault, random faults first."""
@@ -267,6 +406,26 @@ class SimulatedUpstream:
                 return rule, rule.fault
         return None, None
 
+    def _cached_prefix(self, words: list[str]) -> int:
+        """Words of the longest whole-block prefix an earlier prompt shared; remembers this one.
+
+        Each block-prefix is one chained hash (hash of the previous prefix's hash and the
+        block's words), so a lookup is one dict probe per block, never a comparison of
+        prompts; the LRU bounds memory. Runs on the server loop only.
+        """
+        prefixes, block = self._prefixes, self.cache_block
+        cached, h = 0, block  # the block size seeds the chain: sizes never mix
+        for end in range(block, len(words) + 1, block):
+            h = hash((h, *words[end - block : end]))
+            if h in prefixes:
+                prefixes.move_to_end(h)
+                cached = end
+            else:
+                prefixes[h] = None
+        while len(prefixes) > self.cache_entries:
+            prefixes.popitem(last=False)
+        return cached
+
     # ---- handlers ----------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -283,6 +442,8 @@ class SimulatedUpstream:
         messages: list = req.get("messages", [])
         text = prompt_text(messages)
         rule, fault = self._pick(req.get("model"), text) if valid else (None, "400")
+        n = req.get("n")
+        words = text.split()
         record = CallRecord(
             model=req.get("model"),
             messages=messages,
@@ -294,8 +455,12 @@ class SimulatedUpstream:
             authorization=request.headers.get("Authorization"),
             started=time.monotonic(),
             fault=fault,
-            prompt_tokens=count_words(text),
+            prompt_tokens=len(words),
+            n=n if isinstance(n, int) and n > 1 else 1,
         )
+        # Only a prompt the provider goes on to process (no error status, no hang) is cached.
+        if self.prefix_cache and fault in (None, "reset"):
+            record.cached_tokens = self._cached_prefix(words)
         task = asyncio.current_task()
         with self._lock:
             self._records.append(record)
@@ -326,17 +491,48 @@ class SimulatedUpstream:
         latency = rule.latency if rule and rule.latency is not None else self.latency
         if latency > 0:
             await asyncio.sleep(latency)
-        if fault is not None:
+        if fault is not None and fault != "reset":  # a reset answers, then breaks off
             return await self._fault(request, record, rule, fault)
         reply = rule.reply if rule and rule.reply is not None else self.default_reply
-        reply_text = reply(req) if callable(reply) else reply
+        tool_call = rule.tool_call if rule and rule.tool_call is not None else forced_tool_call(req)
         caps = [req.get("max_completion_tokens"), req.get("max_tokens")]
         cap = next((c for c in caps if c is not None), None)
-        pieces, finish = split_reply(reply_text, cap)
-        record.finish_reason = finish
+        # One reply per choice, so a scripted reply function is asked once per choice.
+        n = record.n if self.supports_n else 1
+        choices = [self._choice(req, reply, tool_call, cap) for _ in range(n)]
+        record.finish_reason = choices[0].finish
+        reset = fault == "reset"
         if record.stream:
-            return await self._stream(request, record, pieces, finish)
-        return self._complete(record, pieces, finish)
+            return await self._stream(request, record, choices, reset)
+        if reset:
+            return await self._reset_body(request, record, choices)
+        return self._complete(record, choices)
+
+    def _choice(
+        self, req: dict, reply: str | Callable[[dict], str], tool_call: dict | None, cap: int | None
+    ) -> _Choice:
+        if tool_call is not None:
+            arguments = tool_call.get("arguments", {})
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments)
+            pieces = [str(tool_call.get("name", "")), *_PIECE.findall(arguments)]
+            finish = "tool_calls"
+            if cap is not None and len(pieces) > cap:
+                pieces, finish = pieces[: max(cap, 0)], "length"
+            logprobs = [] if req.get("logprobs") else None  # no content, no content logprobs
+            return _Choice(pieces, finish, f"call_{uuid.uuid4().hex[:24]}", logprobs)
+        text = reply(req) if callable(reply) else reply
+        # Each transformation only when the request asks for it: no cost otherwise.
+        if req.get("response_format") is not None:
+            text = format_reply(text, req["response_format"])
+        if req.get("stop"):
+            text = cut_at_stop(text, req["stop"])
+        pieces, finish = split_reply(text, cap)
+        choice = _Choice(pieces, finish)
+        if req.get("logprobs"):
+            top = req.get("top_logprobs") or 0
+            choice.logprobs = [logprob_entry(p, top) for p in pieces]
+        return choice
 
     async def _fault(
         self, request: web.Request, record: CallRecord, rule: Rule | None, fault: str
@@ -369,53 +565,121 @@ class SimulatedUpstream:
             headers["Retry-After"] = f"{retry_after:g}"
         return _json(payload, status=status, headers=headers)
 
-    def _complete(self, record: CallRecord, pieces: list[str], finish: str) -> web.Response:
+    def _payload(self, record: CallRecord, choices: list[_Choice]) -> dict:
+        """The whole chat.completion body (sets the record's completion_tokens)."""
+        record.completion_tokens = sum(len(c.pieces) for c in choices)
+        out = []
+        for index, c in enumerate(choices):
+            if c.tool_call_id is not None and c.pieces:
+                function = {"name": c.pieces[0], "arguments": "".join(c.pieces[1:])}
+                call = {"id": c.tool_call_id, "type": "function", "function": function}
+                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            else:
+                message = {"role": "assistant", "content": "".join(c.pieces)}
+            choice = {"index": index, "message": message, "finish_reason": c.finish}
+            if c.logprobs is not None:
+                choice["logprobs"] = {"content": c.logprobs}
+            out.append(choice)
+        return {**_envelope(record, "chat.completion"), "choices": out, "usage": self._usage(record)}
+
+    def _complete(self, record: CallRecord, choices: list[_Choice]) -> web.Response:
         record.status = 200
-        record.completion_tokens = len(pieces)
-        payload = {
-            **_envelope(record, "chat.completion"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(pieces)},
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": _usage(record),
-        }
+        payload = self._payload(record, choices)
         # The body is handed to aiohttp here; a later client disconnect is not observed.
         record.completed = record.usage_reported = True
         return _json(payload)
 
-    async def _stream(
-        self, request: web.Request, record: CallRecord, pieces: list[str], finish: str
+    async def _reset_body(
+        self, request: web.Request, record: CallRecord, choices: list[_Choice]
     ) -> web.StreamResponse:
+        """Headers promising the whole body (Content-Length), about half of it, then the cut."""
+        body = json.dumps(self._payload(record, choices)).encode()
+        record.completion_tokens = 0  # nothing usable reached the client
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        _cut(request, record)
+        return resp
+
+    async def _stream(
+        self, request: web.Request, record: CallRecord, choices: list[_Choice], reset: bool = False
+    ) -> web.StreamResponse:
+        """Role chunks, then the pieces of all choices in turn (one token time per round, as
+        choices are generated side by side), each choice's finish chunk right after its last
+        piece, then usage and [DONE]. `reset`: cut the connection after half the pieces."""
         record.status = 200
         resp = _sse_response()
         envelope = _envelope(record, "chat.completion.chunk")
 
-        def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
-            event = {**envelope, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-            return _sse(event)
+        def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
+            return _sse({**envelope, "choices": [choice]})
+
+        def piece_chunk(index: int, c: _Choice, i: int) -> bytes:
+            if c.tool_call_id is None:
+                logprobs = {"content": [c.logprobs[i]]} if c.logprobs is not None else None
+                return chunk(index, {"content": c.pieces[i]}, logprobs=logprobs)
+            if i == 0:  # as OpenAI: id, type and name first, then argument fragments
+                function = {"name": c.pieces[0], "arguments": ""}
+                call = {"index": 0, "id": c.tool_call_id, "type": "function", "function": function}
+            else:
+                call = {"index": 0, "function": {"arguments": c.pieces[i]}}
+            return chunk(index, {"tool_calls": [call]})
 
         include_usage = bool((record.request.get("stream_options") or {}).get("include_usage"))
+        cut_at = sum(len(c.pieces) for c in choices) // 2 if reset else -1
+        sent = 0
         try:
             await resp.prepare(request)
-            await resp.write(chunk({"role": "assistant", "content": ""}))
-            for i, piece in enumerate(pieces):
-                if i and self.token_interval > 0:
+            for index, c in enumerate(choices):
+                content = None if c.tool_call_id is not None else ""
+                await resp.write(chunk(index, {"role": "assistant", "content": content}))
+            rounds = max(len(c.pieces) for c in choices)
+            for r in range(rounds + 1):
+                if 0 < r < rounds and self.token_interval > 0:
                     await asyncio.sleep(self.token_interval)
-                await resp.write(chunk({"content": piece}))
-                record.completion_tokens = i + 1
-            await resp.write(chunk({}, finish))
+                for index, c in enumerate(choices):
+                    if r > len(c.pieces):
+                        continue
+                    if sent == cut_at:
+                        _cut(request, record)
+                        return resp
+                    if r == len(c.pieces):
+                        await resp.write(chunk(index, {}, c.finish))
+                        continue
+                    await resp.write(piece_chunk(index, c, r))
+                    sent += 1
+                    record.completion_tokens = sent
             if include_usage:
-                await resp.write(_sse({**envelope, "choices": [], "usage": _usage(record)}))
+                await resp.write(_sse({**envelope, "choices": [], "usage": self._usage(record)}))
             await resp.write(b"data: [DONE]\n\n")
             record.completed = True
             record.usage_reported = include_usage
         except ConnectionResetError:
             record.cancelled = True  # client went away mid-stream (write failed)
         return resp
+
+    def _usage(self, record: CallRecord) -> dict:
+        usage: dict[str, Any] = {
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "total_tokens": record.prompt_tokens + record.completion_tokens,
+        }
+        if self.prefix_cache:
+            usage["prompt_tokens_details"] = {"cached_tokens": record.cached_tokens}
+        return usage
+
+
+def _cut(request: web.Request, record: CallRecord) -> None:
+    """Break the connection mid-body ("reset" fault). close(), not abort(): what was written
+    still reaches the client (abort drops the unsent buffer), then the connection ends without
+    the rest of the body, which the client sees as a broken payload."""
+    record.status = "reset"
+    if request.transport is not None:
+        request.transport.close()
 
 
 def _json(payload: dict, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -441,17 +705,20 @@ def _envelope(record: CallRecord, obj: str) -> dict:
     }
 
 
-def _usage(record: CallRecord) -> dict:
-    return {
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "total_tokens": record.prompt_tokens + record.completion_tokens,
-    }
-
-
 async def _serve_forever(args: argparse.Namespace) -> None:
+    reply: Callable[[dict], str] = default_reply
+    if args.scenario is not None:
+        from tests.scenarios import scenario_reply  # not at import time: it imports this module
+
+        reply = scenario_reply(args.scenario, args.complete_at)
     upstream = SimulatedUpstream(
-        latency=args.latency, token_interval=args.token_interval, seed=args.seed, max_records=args.max_records
+        latency=args.latency,
+        token_interval=args.token_interval,
+        seed=args.seed,
+        max_records=args.max_records,
+        default_reply=reply,
+        supports_n=not args.no_n,
+        prefix_cache=args.prefix_cache,
     )
     await upstream.start(args.host, args.port)
     print(f"simulated upstream at {upstream.base_url}", flush=True)
@@ -462,6 +729,8 @@ async def _serve_forever(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from tests.scenarios import SCENARIOS
+
     parser = argparse.ArgumentParser(description="Simulated OpenAI-compatible upstream")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
@@ -469,9 +738,23 @@ def main() -> None:
     parser.add_argument("--token-interval", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-records", type=int, default=1000, help="call records kept in memory")
+    parser.add_argument(
+        "--scenario", choices=SCENARIOS, default=None,
+        help='role-aware replies (tests/scenarios.py); default: "Simulated answer." to everything',
+    )
+    parser.add_argument("--complete-at", type=int, default=None, help="step at which thinkers answer")
+    parser.add_argument("--no-n", action="store_true", help='ignore "n": always one choice')
+    parser.add_argument("--prefix-cache", action="store_true", help="report cached prompt tokens")
     args = parser.parse_args()
+    # The benchmark runs this beside the service on the same cores: the cheaper loop helps.
     try:
-        asyncio.run(_serve_forever(args))
+        import uvloop
+    except ImportError:
+        run = asyncio.run
+    else:
+        run = uvloop.run
+    try:
+        run(_serve_forever(args))
     except KeyboardInterrupt:
         pass
 
