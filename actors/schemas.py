@@ -205,6 +205,8 @@ class ValidationJob:
     context: str
     step_text: str
     stop_at: float | None = None
+    # Tokens the validation may spend (reserved for it by the thread); None: unbounded.
+    budget_tokens: int | None = None
 
 
 # --- what the thinking of one request reports, as it happens ----------------------------------

@@ -130,23 +130,21 @@ class RequestThinking:
         return thinker.estimate_prompt(self.thinker_messages("", 1, None)) + thinker.model.max_tokens
 
     def validation_estimate(self, context: str, step: str) -> int:
-        """The most a step's validation can cost (every call answering at `max_tokens`)."""
+        """What a step's validation needs held for it: the critics and the first round of votes,
+        every call answering at `max_tokens`. The validator spends within it, checking each
+        further call against what is left (see `StepValidator`)."""
         validation, economy = self.settings.validation, self.settings.economy
         critic, voter = self.clients["counterexample"], self.clients["voter"]
         shared = len(self.job.conversation.transcript()) + len(step)
         critic_prompt = int((shared + len(context) + len(self.prompts.counterexample_system) + 200) * critic.tokens_per_char)
         voter_prompt = int((shared + len(self.prompts.voter_system) + 200) * voter.tokens_per_char)
         voter_prompt += validation.num_counterexamples * critic.model.max_tokens  # the critics' answers
-        critic_calls = 1 if economy.n_sampling else validation.num_counterexamples
-        if not economy.n_sampling:
-            voter_calls = validation.num_voters
-        else:  # staged: each round asks at least one more voter
-            voter_calls = validation.num_voters - validation.pass_threshold + 1 if economy.staged_voting else 1
+        first_round = validation.pass_threshold if economy.staged_voting else validation.num_voters
         return (
-            critic_calls * critic_prompt
+            (1 if economy.n_sampling else validation.num_counterexamples) * critic_prompt
             + validation.num_counterexamples * critic.model.max_tokens
-            + voter_calls * voter_prompt
-            + validation.num_voters * voter.model.max_tokens
+            + (1 if economy.n_sampling else first_round) * voter_prompt
+            + first_round * voter.model.max_tokens
         )
 
 
@@ -299,7 +297,13 @@ class ThreadRunner:
             self.put(Skipped(what, "deadline"))
             return Verdict(VerdictStatus.SKIPPED, reason="deadline")
         job = ValidationJob(
-            request.job.request_id, request.job.conversation, request.settings, context, step.text, request.job.stop_at
+            request.job.request_id,
+            request.job.conversation,
+            request.settings,
+            context,
+            step.text,
+            request.job.stop_at,
+            budget_tokens=reservation.tokens if request.budget.bounded else None,
         )
         try:
             verdict = await request.validate(job)

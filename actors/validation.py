@@ -95,6 +95,9 @@ class StepValidator:
             self.prompts.counterexample_task.format(context=job.context or "-", step=job.step_text),
             cache_friendly=cache_friendly,
         )
+        allowance = _Allowance(job.budget_tokens, usage)
+        if not allowance.fits(self.counterexample, critics, settings.num_counterexamples, economy.n_sampling):
+            return Verdict(VerdictStatus.SKIPPED, reason="budget")
         answers = await self.counterexample.sample(critics, usage, settings.num_counterexamples, **call)
         counterexamples = [a.strip() for a in answers]
         if economy.skip_vote_without_counterexample and not any(map(found_counterexample, answers)):
@@ -117,6 +120,9 @@ class StepValidator:
                 ask = min(max(threshold - backing, 1), total - asked)
             else:
                 ask = total
+            if not allowance.fits(self.voter, voters, ask, economy.n_sampling):
+                status = VerdictStatus.SKIPPED if not votes else VerdictStatus.UNVALIDATED
+                return Verdict(status, votes=votes, counterexamples=counterexamples, reason="budget")
             try:
                 answers = await self.voter.sample(voters, usage, ask, **call)
             except DeadlineReached:
@@ -136,6 +142,22 @@ class StepValidator:
                 break
         reason = "voters failed" if status is VerdictStatus.UNVALIDATED else ""
         return Verdict(status, votes=votes, counterexamples=counterexamples, reason=reason)
+
+
+class _Allowance:
+    """The tokens a validation may spend: each call starts only if its worst case (the prompt as
+    estimated, every answer at `max_tokens`) fits in what is left."""
+
+    def __init__(self, tokens: int | None, usage: UsageLedger) -> None:
+        self.tokens = tokens
+        self.usage = usage
+
+    def fits(self, client: ModelClient, messages: list, answers: int, one_call: bool) -> bool:
+        if self.tokens is None:
+            return True
+        prompts = 1 if one_call else answers
+        worst = prompts * client.estimate_prompt(messages) + answers * client.model.max_tokens
+        return self.usage.total_tokens + worst <= self.tokens
 
 
 class ValidationBatches:
