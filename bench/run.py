@@ -127,6 +127,8 @@ class Bench:
             "upstream_latency_s": LATENCY_S,
             "burst_upstream_latency_s": BURST_LATENCY_S,
             "calls_per_request": calls_per_request(app),
+            "model": MODEL,
+            "scenario": SCENARIO,
             "critical_path_s": critical_path(app, LATENCY_S),
             "burst_critical_path_s": critical_path(app, BURST_LATENCY_S),
             "serve_overrides": self.args.override,

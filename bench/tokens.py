@@ -24,12 +24,14 @@ from typing import Any
 
 import openai
 
+from bench.report import replace_section
 from bench.service import ROOT, WORK, start_serve, start_upstream, write_yaml
 from tests.support import free_port, shipped_serve_config, sim_config_dict
 
 LATENCY_S = 0.2
 PROFILES = ("token-killer-classic", "token-killer")
-DECISIONS = ("steps_validated", "steps_failed", "steps_revised", "steps_flagged", "steps_unchallenged", "threads_kept")
+# The decisions a run takes; how a passed step passed (voted, or unchallenged) is shown beside.
+DECISIONS = ("steps_validated", "steps_failed", "steps_revised", "steps_flagged", "threads_kept")
 # A small provider's list prices, USD per million tokens (input, cached input, output).
 PRICE = {"input": 0.15, "cached_input": 0.075, "output": 0.6}
 # (name, simulated upstream scenario, what it shows, budget as a share of classic's spend).
@@ -38,7 +40,7 @@ SCENARIOS = [
     ("steps challenged, then pass", "challenged-pass", "critics raise counterexamples; voters keep the step", None),
     ("every vote refutes", "refute", "each step fails, is revised once, fails again and is flagged", None),
     ("threads agree", "agree", "every thread answers 42 at step 2", None),
-    ("tight budget", "challenged-pass", "budget_tokens = 40% of what classic spends unbounded", 0.4),
+    ("tight budget", "challenged-pass", "budget_tokens = 60% of what classic spends unbounded", 0.6),
 ]
 SECTION = "## Tokens: the economy mechanisms against the original's behaviour"
 
@@ -73,6 +75,7 @@ async def one_request(client: openai.AsyncOpenAI, model: str, budget: int | None
         "total_tokens": reply.usage.total_tokens,
         "cost_usd": ext["cost"]["total_usd"],
         "decisions": {k: ext[k] for k in DECISIONS},
+        "unchallenged": ext["steps_unchallenged"],
         "fusion": ext["fusion"]["mode"],
         "skipped": len(ext["skipped"]),
         "answer": reply.choices[0].message.content,
@@ -94,6 +97,7 @@ def summarize(records: list[dict]) -> dict:
         "decisions": [json.loads(d) for d in sorted(decisions)],
         "fusion": sorted({r["fusion"] for r in records}),
         "skipped": mean("skipped"),
+        "unchallenged": mean("unchallenged"),
     }
 
 
@@ -156,8 +160,9 @@ def markdown(results: dict) -> str:
         "`token-killer-classic` runs no economy mechanism; `token-killer` runs all of them.",
         "",
         "| scenario | profile | calls | prompt tok | cached | completion tok | total tok | vs classic | cost $ | p50 s | "
-        "decisions per request (validated / failed / revised / flagged / unchallenged, threads) | fusion |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "decisions per request (steps validated / failed / revised / flagged, threads kept) | passed unchallenged "
+        "| skipped | fusion |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for entry in results["scenarios"]:
@@ -166,15 +171,16 @@ def markdown(results: dict) -> str:
             s = entry["profiles"][model]["summary"]
             ratio = s["total_tokens"] / classic["total_tokens"] if classic["total_tokens"] else float("nan")
             decided = "; ".join(
-                f"{d['steps_validated']} / {d['steps_failed']} / {d['steps_revised']} / {d['steps_flagged']} / "
-                f"{d['steps_unchallenged']}, {d['threads_kept']}"
+                f"{d['steps_validated']} / {d['steps_failed']} / {d['steps_revised']} / {d['steps_flagged']}, "
+                f"{d['threads_kept']}"
                 for d in s["decisions"]
             )
             name = entry["name"] + (f" ({entry['budget_tokens']} tokens)" if entry["budget_tokens"] else "")
             lines.append(
                 f"| {name} | `{model}` | {s['calls']:.1f} | {s['prompt_tokens']:.0f} | {s['cached_tokens']:.0f} | "
                 f"{s['completion_tokens']:.0f} | {s['total_tokens']:.0f} | {ratio:.0%} | {s['cost_usd']:.6f} | "
-                f"{s['p50_s']:.2f} | {decided} | {', '.join(s['fusion'])} |"
+                f"{s['p50_s']:.2f} | {decided} | {s['unchallenged']:.1f} | {s['skipped']:.1f} | "
+                f"{', '.join(s['fusion'])} |"
             )
         economy = entry["profiles"]["token-killer"]["summary"]
         same = economy["decisions"] == classic["decisions"]
@@ -190,32 +196,20 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (or append it)."""
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in current:
-        before, _, rest = current.partition(SECTION)
-        after = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
-        current = before + text + ("\n" + after if after else "")
-    else:
-        current = current.rstrip("\n") + "\n\n" + text
-    path.write_text(current)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=10, help="requests per profile and scenario")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = parser.parse_args(argv)
     results = measure(args)
-    out = ROOT / "bench" / "results" / "tokens.json"
+    out = ROOT / "bench" / "results" / "tokens.json"  # raw results, not committed
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     text = markdown(results)
     if args.no_write:
         print(text)
     else:
-        write_section(text, ROOT / "BENCHMARKS.md")
+        replace_section(ROOT / "BENCHMARKS.md", SECTION, text)
         print(f"[tokens] wrote {out.relative_to(ROOT)} and the Tokens section of BENCHMARKS.md")
 
 
