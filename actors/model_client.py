@@ -143,7 +143,14 @@ def open_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
     what capped the original at about 10 req/s.
     """
     connector = aiohttp.TCPConnector(limit=upstream.max_connections, limit_per_host=0)
-    return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+    # No cookies, no compression, no default headers to compute: upstream APIs need none, and
+    # each is work on every call.
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+    )
 
 
 def role_clients(

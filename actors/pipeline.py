@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -144,7 +144,10 @@ class DeepThinkingRun:
         self.stats.thinking_s = time.monotonic() - started
 
         threads = tuple(results.get(i) or partial.result(i) for i in sorted(set(results) | partial.threads))
-        kept = tuple(t for t in threads if t.steps)
+        # What fusion needs of a thread: its steps' text and whether they were challenged.
+        kept = tuple(
+            ThreadResult(t.thread, [replace(s, verdict=None) for s in t.steps], t.error) for t in threads if t.steps
+        )
         self.stats.threads_kept = len(kept)
         if not kept:
             raise self._nothing_to_fuse(threads, error)

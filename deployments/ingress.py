@@ -26,7 +26,7 @@ from actors.schemas import FusionDelta, FusionJob, ThinkJob, ThinkUpdate
 from actors.serving import ChatServing, Prepared, internal_error
 from deployments.handles import call_with_retries, stream_with_retries
 from deployments.metrics import ServiceMetrics
-from deployments.replica import give_memory_back
+from deployments.replica import give_memory_back, tune_gc
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +102,7 @@ class Ingress:
         self, config: ServiceConfig, prompts: PromptSet, thinker: DeploymentHandle, fuser: DeploymentHandle
     ) -> None:
         configure_logging()
+        tune_gc()
         self._trimmer = asyncio.get_running_loop().create_task(give_memory_back())
         app.state.service_keys = config.service_api_keys
         self.limits = config.limits
