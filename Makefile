@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test lint bench clean
 
 setup: $(STAMP)
 
@@ -20,12 +20,19 @@ $(STAMP): pyproject.toml
 run: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/serve run serve_config.yaml
 
-test: setup
+# Lint and format checks first (fast), then the whole suite.
+test: setup lint
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest
 
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The load, token and quality benchmarks, each writing its section of BENCHMARKS.md.
 bench: setup
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.run --profile --embedded
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.tokens
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.quality
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -40,7 +40,7 @@ class InFlightLimit:
         self.retry_after_s = retry_after_s
         self.current = 0
 
-    def enter(self) -> "Ticket":
+    def enter(self) -> Ticket:
         if self.current >= self.limit:
             raise APIError(
                 503,

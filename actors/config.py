@@ -70,7 +70,7 @@ class ModelConfig(_Strict):
     # Resolved from `api_key_env` at load time; never serialised into logs (SecretStr).
     api_key: SecretStr | None = None
     # Tried in order when this model keeps failing (after its retries).
-    fallbacks: tuple["ModelConfig", ...] = ()
+    fallbacks: tuple[ModelConfig, ...] = ()
 
 
 class ThinkingConfig(_Strict):
@@ -88,7 +88,7 @@ class ValidationConfig(_Strict):
     on_fail: Literal["revise", "flag"] = "revise"
 
     @model_validator(mode="after")
-    def _threshold_reachable(self) -> "ValidationConfig":
+    def _threshold_reachable(self) -> ValidationConfig:
         if self.pass_threshold > self.num_voters:
             raise ValueError(f"pass_threshold ({self.pass_threshold}) exceeds num_voters ({self.num_voters})")
         return self
@@ -204,14 +204,14 @@ class ServiceConfig(_Strict):
         return ECONOMY_OFF if value is False else value
 
     @model_validator(mode="after")
-    def _every_role_has_a_model(self) -> "ServiceConfig":
+    def _every_role_has_a_model(self) -> ServiceConfig:
         missing = [role for role in ROLES if role not in self.models]
         if missing:
             raise ValueError(f"models: no model configured for role(s) {', '.join(missing)}")
         return self
 
     @model_validator(mode="after")
-    def _resolve_profiles(self) -> "ServiceConfig":
+    def _resolve_profiles(self) -> ServiceConfig:
         if not self.profiles:
             raise ValueError("profiles: define at least one profile")
         base = self.model_dump(include=set(SETTINGS_SECTIONS))

@@ -22,6 +22,7 @@ from actors.schemas import Step, UsageLedger
 
 log = structlog.get_logger(__name__)
 
+
 class ContextBuilder:
     """One per thread: it remembers the summaries it made, keyed by the steps they cover."""
 
@@ -55,7 +56,9 @@ class ContextBuilder:
         summary = await self._summary(middle, usage, tag, budget, deadline)
         if summary is None:
             return self._render(steps)
-        return self._render(first) + self.prompts.context_summary.format(summary=summary) + "\n" + self._steps(last) + "\n"
+        return (
+            self._render(first) + self.prompts.context_summary.format(summary=summary) + "\n" + self._steps(last) + "\n"
+        )
 
     def _render(self, steps: list[Step]) -> str:
         return self.prompts.context_header + "\n" + self._steps(steps) + "\n"
@@ -79,7 +82,9 @@ class ContextBuilder:
         messages = summarizer_messages(self.prompts, self._steps(new), previous)
         reservation = None
         if budget is not None and budget.bounded:
-            reservation = await budget.acquire(self.summarizer.estimate_prompt(messages) + self.summarizer.model.max_tokens)
+            reservation = await budget.acquire(
+                self.summarizer.estimate_prompt(messages) + self.summarizer.model.max_tokens
+            )
             if reservation is None:
                 return None
         spent = UsageLedger()

@@ -176,7 +176,10 @@ class LocalEngine:
             self._server_url = self._server.listening_address.rstrip("/")
             logger.info(
                 "local engine %s started at %s (n_parallel=%d, n_ctx=%d, threads=%d)",
-                self.model_name, self._server_url, self.n_parallel, self.n_ctx,
+                self.model_name,
+                self._server_url,
+                self.n_parallel,
+                self.n_ctx,
                 self.n_threads,
             )
             return self.base_url

@@ -155,10 +155,8 @@ def open_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
 
 def role_clients(
     session: aiohttp.ClientSession, config: ServiceConfig, observer: CallObserver | None = None
-) -> dict[str, "ModelClient"]:
-    return {
-        role: ModelClient(session, role, model, config.upstream, observer) for role, model in config.models.items()
-    }
+) -> dict[str, ModelClient]:
+    return {role: ModelClient(session, role, model, config.upstream, observer) for role, model in config.models.items()}
 
 
 def prompt_chars(messages: Messages) -> int:
@@ -432,7 +430,9 @@ class ModelClient:
             self._observe(None, started)
             return result
 
-    def _retry_wait(self, exc: BaseException, attempt: int, endpoint: _Endpoint, deadline: float | None) -> float | None:
+    def _retry_wait(
+        self, exc: BaseException, attempt: int, endpoint: _Endpoint, deadline: float | None
+    ) -> float | None:
         """Seconds to wait before the next attempt, or None when retrying cannot help or fit."""
         if attempt >= self.upstream.max_attempts or not isinstance(exc, Exception) or not _retryable(exc):
             return None

@@ -8,7 +8,7 @@ without a marker is "not complete yet".
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 
 _OPEN = r"[\[【(（<]"
 _CLOSE = r"[\]】)）>]"
@@ -34,24 +34,20 @@ def parse_step(text: str) -> tuple[str, bool]:
     return _MARKER.sub("", text).strip(), complete
 
 
-class Vote(str, Enum):
+class Vote(StrEnum):
     STEP = "step"  # the step survives the counterexamples
     COUNTEREXAMPLE = "counterexample"  # a counterexample refutes the step
     ABSTAIN = "abstain"  # unreadable
 
 
 _STEP_WORDS = r"main[\s_-]*thread|step|thread|valid|correct|pass(?:es|ed)?|主线程|主线|步骤|正确|通过"
-_COUNTER_WORDS = (
-    r"counter[\s_-]*examples?|counter|refuted|invalid|incorrect|wrong|fail(?:s|ed)?|反例|错误|驳倒"
-)
+_COUNTER_WORDS = r"counter[\s_-]*examples?|counter|refuted|invalid|incorrect|wrong|fail(?:s|ed)?|反例|错误|驳倒"
 _VOTE = re.compile(
     rf"(?:vote|verdict|投票|结论)\**\s*[:：=\-—]?\s*[\"'“”*【\[]*\s*"
     rf"(?:(?P<counter>{_COUNTER_WORDS})|(?P<step>{_STEP_WORDS}))",
     re.IGNORECASE,
 )
-_LEADING = re.compile(
-    rf"^\W*(?:(?P<counter>{_COUNTER_WORDS})|(?P<step>{_STEP_WORDS}))\b", re.IGNORECASE
-)
+_LEADING = re.compile(rf"^\W*(?:(?P<counter>{_COUNTER_WORDS})|(?P<step>{_STEP_WORDS}))\b", re.IGNORECASE)
 
 
 def parse_vote(text: str) -> Vote:

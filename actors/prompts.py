@@ -87,9 +87,7 @@ def role_messages(
     ]
 
 
-def fuser_messages(
-    prompts: PromptSet, conversation: Conversation, task: str, *, cache_friendly: bool
-) -> Messages:
+def fuser_messages(prompts: PromptSet, conversation: Conversation, task: str, *, cache_friendly: bool) -> Messages:
     """The fuser writes what the client reads: it sees the client's messages as they were sent
     (tool calls and tool results included), then the threads to merge."""
     instructions = prompts.fuser_system.strip()

@@ -37,7 +37,7 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
-    def response(self) -> "ErrorResponse":
+    def response(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
 
     def body(self) -> dict[str, Any]:
@@ -154,7 +154,7 @@ class ResponseFormat(BaseModel):
     json_schema: JSONSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _schema_given(self) -> "ResponseFormat":
+    def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("'json_schema' is required when type is 'json_schema'")
         return self
@@ -294,12 +294,14 @@ def check_messages(messages: list[ChatMessage]) -> None:
             )
         if message.role == "tool" and not message.tool_call_id:
             raise APIError(
-                400, f"'{where}.tool_call_id': a tool message needs the id of the call it answers.",
+                400,
+                f"'{where}.tool_call_id': a tool message needs the id of the call it answers.",
                 param=f"{where}.tool_call_id",
             )
         if message.tool_calls is not None and message.role != "assistant":
-            raise APIError(400, f"'{where}.tool_calls': only assistant messages carry tool calls.",
-                           param=f"{where}.tool_calls")
+            raise APIError(
+                400, f"'{where}.tool_calls': only assistant messages carry tool calls.", param=f"{where}.tool_calls"
+            )
     if not any(m.role == "user" for m in messages):
         raise APIError(400, "messages must contain at least one 'user' message.", param="messages")
 
@@ -308,13 +310,17 @@ def check_tools(chat: ChatCompletionRequest) -> None:
     if chat.tool_choice is not None and not chat.tools:
         raise APIError(400, "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice")
     if chat.parallel_tool_calls is not None and not chat.tools:
-        raise APIError(400, "'parallel_tool_calls' is only allowed when 'tools' are specified.",
-                       param="parallel_tool_calls")
+        raise APIError(
+            400, "'parallel_tool_calls' is only allowed when 'tools' are specified.", param="parallel_tool_calls"
+        )
     if isinstance(chat.tool_choice, NamedToolChoice):
         names = {tool.function.name for tool in chat.tools or ()}
         if chat.tool_choice.function.name not in names:
-            raise APIError(400, f"'tool_choice' names '{chat.tool_choice.function.name}', which is not in 'tools'.",
-                           param="tool_choice")
+            raise APIError(
+                400,
+                f"'tool_choice' names '{chat.tool_choice.function.name}', which is not in 'tools'.",
+                param="tool_choice",
+            )
 
 
 def _param_name(loc: tuple) -> str:
@@ -330,8 +336,18 @@ _FIELD_NAMES = set().union(
     *(
         model.model_fields
         for model in (
-            ChatCompletionRequest, ChatMessage, TextPart, ToolCall, FunctionCall, Tool, FunctionDefinition,
-            NamedToolChoice, NamedFunction, ResponseFormat, JSONSchemaFormat, StreamOptions,
+            ChatCompletionRequest,
+            ChatMessage,
+            TextPart,
+            ToolCall,
+            FunctionCall,
+            Tool,
+            FunctionDefinition,
+            NamedToolChoice,
+            NamedFunction,
+            ResponseFormat,
+            JSONSchemaFormat,
+            StreamOptions,
         )
     ),
     {"schema"},
@@ -343,8 +359,18 @@ def answer_params(chat: ChatCompletionRequest) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if chat.answer_limit is not None:
         params["max_tokens"] = chat.answer_limit
-    for field in ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
-                  "logprobs", "top_logprobs", "parallel_tool_calls"):
+    for field in (
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "parallel_tool_calls",
+    ):
         value = getattr(chat, field)
         if value is not None:
             params[field] = value

@@ -7,7 +7,7 @@ Plain slotted dataclasses: cheap to build and to pickle across handle calls.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from actors.config import RunSettings
@@ -28,7 +28,7 @@ class RoleUsage:
     cost_usd: float = 0.0
     seconds: float = 0.0
 
-    def add(self, other: "RoleUsage") -> None:
+    def add(self, other: RoleUsage) -> None:
         self.calls += other.calls
         self.failed_calls += other.failed_calls
         self.aborted_calls += other.aborted_calls
@@ -72,12 +72,12 @@ class UsageLedger:
         entry.aborted_calls += calls
         entry.seconds += seconds
 
-    def merge(self, other: "UsageLedger | None") -> None:
+    def merge(self, other: UsageLedger | None) -> None:
         if other is not None:
             for role, usage in other.roles.items():
                 self.entry(role).add(usage)
 
-    def take(self) -> "UsageLedger | None":
+    def take(self) -> UsageLedger | None:
         """Hand over what was recorded so far and start empty (None when there is nothing)."""
         if not self.roles:
             return None
@@ -149,7 +149,7 @@ class Conversation:
         return "\n".join(lines)
 
 
-class VerdictStatus(str, Enum):
+class VerdictStatus(StrEnum):
     PASSED = "passed"
     FAILED = "failed"
     UNVALIDATED = "unvalidated"  # the validators could not be reached or answer; the step is kept

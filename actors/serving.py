@@ -227,18 +227,25 @@ class ChatServing:
 
         cache_friendly = settings.economy.cache_friendly_prompts
         thinker = role_messages(
-            self.prompts, conversation, self.prompts.thinker_system,
-            self.prompts.thinker_task.format(context="", step_number=1), cache_friendly=cache_friendly,
+            self.prompts,
+            conversation,
+            self.prompts.thinker_system,
+            self.prompts.thinker_task.format(context="", step_number=1),
+            cache_friendly=cache_friendly,
         )
         thinking = estimate(thinker) + models["thinker"].max_tokens
         fusion = 0
         if settings.fusion.strategy == "intelligent":
             conclusion = "x" * int(models["thinker"].max_tokens / DEFAULT_TOKENS_PER_CHAR)
             brief = fuser_messages(
-                self.prompts, conversation, self.prompts.fuser_brief_task.format(conclusion=conclusion),
+                self.prompts,
+                conversation,
+                self.prompts.fuser_brief_task.format(conclusion=conclusion),
                 cache_friendly=cache_friendly,
             )
-            answer_tokens = min(answer.params.get("max_tokens") or models["fuser"].max_tokens, models["fuser"].max_tokens)
+            answer_tokens = min(
+                answer.params.get("max_tokens") or models["fuser"].max_tokens, models["fuser"].max_tokens
+            )
             fusion = estimate(brief) + answer_tokens
             floor = estimate(brief) + min(MIN_ANSWER_TOKENS, answer_tokens)
         else:
@@ -302,7 +309,9 @@ class ChatServing:
             raise
         return self._sse(prepared, run, reply, first, events)
 
-    async def _sse(self, prepared, run, reply: "_Reply", first: list, events: AsyncIterator[list]) -> AsyncIterator[str]:
+    async def _sse(
+        self, prepared, run, reply: _Reply, first: list, events: AsyncIterator[list]
+    ) -> AsyncIterator[str]:
         # One write per batch of events: each write is a message from this replica to the HTTP
         # proxy, so the role chunk goes with the first events and the end in one piece.
         outcome = "cancelled"
@@ -524,8 +533,9 @@ class _Reply:
         reasoning and tool calls only when there are any."""
         prepared = self.prepared
         content = "".join(self.content)
-        message = ResponseMessage(role="assistant", content=content if content or not self.tool_calls else None,
-                                  refusal=None)
+        message = ResponseMessage(
+            role="assistant", content=content if content or not self.tool_calls else None, refusal=None
+        )
         if self.show_reasoning:
             message.reasoning_content = "".join(self.reasoning)
         if self.tool_calls:

@@ -57,7 +57,7 @@ class _Written:
 
     step: Step
     validation: asyncio.Future[Verdict] | None
-    following: asyncio.Future["_Written | None"] | None
+    following: asyncio.Future[_Written | None] | None
 
 
 class RequestThinking:
@@ -136,7 +136,9 @@ class RequestThinking:
         validation, economy = self.settings.validation, self.settings.economy
         critic, voter = self.clients["counterexample"], self.clients["voter"]
         shared = len(self.job.conversation.transcript()) + len(step)
-        critic_prompt = int((shared + len(context) + len(self.prompts.counterexample_system) + 200) * critic.tokens_per_char)
+        critic_prompt = int(
+            (shared + len(context) + len(self.prompts.counterexample_system) + 200) * critic.tokens_per_char
+        )
         voter_prompt = int((shared + len(self.prompts.voter_system) + 200) * voter.tokens_per_char)
         voter_prompt += validation.num_counterexamples * critic.model.max_tokens  # the critics' answers
         first_round = validation.pass_threshold if economy.staged_voting else validation.num_voters

@@ -87,8 +87,9 @@ def _error_code(data: bytes) -> str:
         return data[:80].decode("utf-8", "replace")
 
 
-async def run(url: str, concurrency: int, duration: float | None, requests: int | None, stream: bool,
-              timeout: float, model: str) -> dict:
+async def run(
+    url: str, concurrency: int, duration: float | None, requests: int | None, stream: bool, timeout: float, model: str
+) -> dict:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
     endpoint = url.rstrip("/") + "/v1/chat/completions"

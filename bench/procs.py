@@ -158,10 +158,12 @@ class Sampler:
             "machine_cores_busy": busy,
             "peak_ray_rss_mb": max((s["rss_mb"] for s in window), default=None),
             "peak_ray_pss_mb": max((s["pss_mb"] for s in window if "pss_mb" in s), default=None),
-            "rss_mb_by_category_at_peak": max((s for s in window if "pss_mb" in s), key=lambda s: s["rss_mb"],
-                                              default={}).get("rss_mb_by_category"),
-            "rss_mb_by_category_at_end": next((s["rss_mb_by_category"] for s in reversed(window) if "pss_mb" in s),
-                                              None),
+            "rss_mb_by_category_at_peak": max(
+                (s for s in window if "pss_mb" in s), key=lambda s: s["rss_mb"], default={}
+            ).get("rss_mb_by_category"),
+            "rss_mb_by_category_at_end": next(
+                (s["rss_mb_by_category"] for s in reversed(window) if "pss_mb" in s), None
+            ),
             "max_replicas": {d: max((s["replicas"][d] for s in window), default=0) for d in DEPLOYMENTS},
         }
 
@@ -236,7 +238,7 @@ def request_log(path: Path, start: float, end: float) -> dict:
         if '"request_complete"' not in line:
             continue
         try:
-            event = json.loads(line[line.index("{"):])
+            event = json.loads(line[line.index("{") :])
             ts = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
         except (ValueError, KeyError):
             continue
@@ -244,5 +246,7 @@ def request_log(path: Path, start: float, end: float) -> dict:
             rows.append(event)
     if not rows:
         return {}
-    return {"n": len(rows), **{k: round(statistics.median(r[k] for r in rows), 3)
-                               for k in ("elapsed_s", "thinking_s", "fusion_s")}}
+    return {
+        "n": len(rows),
+        **{k: round(statistics.median(r[k] for r in rows), 3) for k in ("elapsed_s", "thinking_s", "fusion_s")},
+    }

@@ -33,8 +33,11 @@ def summarize(entry: dict, idle_cores: float | None = None) -> dict:
     """
     records = entry["records"]
     ok = [r for r in records if r["status"] == 200 and not r["error"]]
-    errors = Counter(f"{r['status']}:{r['error']}" if r["status"] else str(r["error"]) for r in records
-                     if not (r["status"] == 200 and not r["error"]))
+    errors = Counter(
+        f"{r['status']}:{r['error']}" if r["status"] else str(r["error"])
+        for r in records
+        if not (r["status"] == 200 and not r["error"])
+    )
     lat = [r["latency"] for r in ok]
     calls = sum(r.get("calls", 0) for r in ok)
     res = entry.get("resources") or {}
@@ -57,7 +60,8 @@ def summarize(entry: dict, idle_cores: float | None = None) -> dict:
         "ray_cpu_ms_per_call": _r(1000 * res["ray_cpu_s"] / calls, 3) if calls and res else None,
         "ray_cpu_ms_per_request": _r(1000 * res["ray_cpu_s"] / len(ok), 1) if ok and res else None,
         "ray_cpu_ms_per_call_net": _r(1000 * (res["ray_cpu_s"] - idle_cores * res["wall_s"]) / calls, 3)
-        if calls and res and idle_cores is not None else None,
+        if calls and res and idle_cores is not None
+        else None,
         "upstream_cpu_ms_per_call": _r(1000 * res["upstream_cpu_s"] / calls, 3) if calls and res else None,
     }
     if entry.get("stream"):
@@ -93,15 +97,27 @@ def summarize_profile(path: Path, top: int = 10) -> dict:
         by_self[_frame(frames[-1])] += n
         for name in {_frame(f) for f in frames if _package(f) not in _GENERIC}:
             inclusive[name] += n
+
     def share(counter: Counter) -> list:
         return [(k, round(100 * v / total, 1)) for k, v in counter.most_common(top)]
 
-    return {"samples": total, "self_by_package_pct": share(by_package), "self_pct": share(by_self),
-            "inclusive_pct": share(inclusive)}
+    return {
+        "samples": total,
+        "self_by_package_pct": share(by_package),
+        "self_pct": share(by_self),
+        "inclusive_pct": share(inclusive),
+    }
 
 
-_GENERIC = {"threading", "asyncio", "concurrent", "ray/_private/worker.py", "ray/serve/_private/replica.py",
-            "ray/_private/workers", "contextlib"}
+_GENERIC = {
+    "threading",
+    "asyncio",
+    "concurrent",
+    "ray/_private/worker.py",
+    "ray/serve/_private/replica.py",
+    "ray/_private/workers",
+    "contextlib",
+}
 
 
 def _frame(frame: str) -> str:
@@ -124,8 +140,9 @@ def _package(frame: str) -> str:
 
 
 def _level(results: dict, concurrency: int, stream: bool) -> dict | None:
-    return next((lv for lv in results.get("levels", []) if lv["concurrency"] == concurrency
-                 and lv["stream"] == stream), None)
+    return next(
+        (lv for lv in results.get("levels", []) if lv["concurrency"] == concurrency and lv["stream"] == stream), None
+    )
 
 
 def targets(results: dict) -> list[dict]:
@@ -136,8 +153,18 @@ def targets(results: dict) -> list[dict]:
 
     def row(name, bound, measured, unit, lower_is_better=True, note=""):
         if measured is None:
-            rows.append({"target": name, "bound": bound, "measured": None, "unit": unit, "met": None,
-                         "ratio": None, "miss": "not run", "note": note})
+            rows.append(
+                {
+                    "target": name,
+                    "bound": bound,
+                    "measured": None,
+                    "unit": unit,
+                    "met": None,
+                    "ratio": None,
+                    "miss": "not run",
+                    "note": note,
+                }
+            )
             return
         met = measured <= bound if lower_is_better else measured >= bound
         ratio = measured / bound if bound else None
@@ -147,21 +174,36 @@ def targets(results: dict) -> list[dict]:
             miss = f"{measured} {unit}"
         else:
             miss = f"{measured - bound:+.3g} {unit} ({100 * (ratio - 1):+.0f}%)"
-        rows.append({"target": name, "bound": round(bound, 3), "measured": measured, "unit": unit, "met": met,
-                     "ratio": _r(ratio), "miss": miss, "note": note})
+        rows.append(
+            {
+                "target": name,
+                "bound": round(bound, 3),
+                "measured": measured,
+                "unit": unit,
+                "met": met,
+                "ratio": _r(ratio),
+                "miss": miss,
+                "note": note,
+            }
+        )
 
     c1 = _level(results, 1, False)
     if cp:
-        row("concurrency 1: p50 ≤ 1.05 × critical path", 1.05 * cp, c1 and c1["summary"]["p50_s"], "s",
-            note=f"critical path {cp:g} s" + (f"; p50 / critical path = {c1['summary']['p50_s'] / cp:.3f}" if c1 else ""))
+        row(
+            "concurrency 1: p50 ≤ 1.05 × critical path",
+            1.05 * cp,
+            c1 and c1["summary"]["p50_s"],
+            "s",
+            note=f"critical path {cp:g} s"
+            + (f"; p50 / critical path = {c1['summary']['p50_s'] / cp:.3f}" if c1 else ""),
+        )
     c64 = _level(results, 64, False)
     s64 = c64["summary"] if c64 else {}
     row("concurrency 64: ≥ 30 req/s", 30, s64.get("req_per_s"), "req/s", lower_is_better=False)
     if cp:
         row("concurrency 64: p50 ≤ 2 × critical path", 2 * cp, s64.get("p50_s"), "s")
     row("concurrency 64: zero errors", 0, s64.get("errors"), "errors")
-    row("≤ 1.0 ms CPU per upstream call, every Ray process (c64 non-stream)", 1.0,
-        s64.get("ray_cpu_ms_per_call"), "ms")
+    row("≤ 1.0 ms CPU per upstream call, every Ray process (c64 non-stream)", 1.0, s64.get("ray_cpu_ms_per_call"), "ms")
     s64s = (_level(results, 64, True) or {}).get("summary", {})
     row("≤ 1.0 ms CPU per upstream call, every Ray process (c64 stream)", 1.0, s64s.get("ray_cpu_ms_per_call"), "ms")
     burst = results.get("burst")
@@ -169,8 +211,13 @@ def targets(results: dict) -> list[dict]:
     row(f"{n} in flight, 2 s upstream: no errors", 0, burst and burst["summary"]["errors"], "errors")
     peak = burst and burst["resources"]["peak_ray_rss_mb"]
     pss = burst and burst["resources"].get("peak_ray_pss_mb")
-    row(f"{n} in flight: total Ray RSS ≤ 3 GB", 3.0, peak and round(peak / 1024, 2), "GB",
-        note=f"PSS (shared pages split): {pss / 1024:.2f} GB" if pss else "")
+    row(
+        f"{n} in flight: total Ray RSS ≤ 3 GB",
+        3.0,
+        peak and round(peak / 1024, 2),
+        "GB",
+        note=f"PSS (shared pages split): {pss / 1024:.2f} GB" if pss else "",
+    )
     emb = results.get("embedded")
     row("embedded default: one request < 30 s", 30, emb and emb["non_stream"]["latency"], "s")
     return rows
@@ -265,100 +312,233 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
     lines += ["### Targets", ""]
     lines += _table(
         ["target", "bound", "measured", "ratio", "met", "missed by", "note"],
-        [[r["target"], f"{r['bound']:g} {r['unit']}", r["measured"], r["ratio"],
-          {True: "✅ yes", False: "❌ no", None: "–"}[r["met"]], r["miss"], r["note"]] for r in rows],
+        [
+            [
+                r["target"],
+                f"{r['bound']:g} {r['unit']}",
+                r["measured"],
+                r["ratio"],
+                {True: "✅ yes", False: "❌ no", None: "–"}[r["met"]],
+                r["miss"],
+                r["note"],
+            ]
+            for r in rows
+        ],
     )
     lines.append("")
     if results.get("levels"):
-        lines += ["### Results by concurrency", "",
-                  f"Closed loop: each client sends its next request when the last one ends, "
-                  f"{meta['duration_per_level_s']:g} s per level. Latencies of successful requests; req/s = "
-                  "successful requests ÷ wall time of the level.", ""]
+        lines += [
+            "### Results by concurrency",
+            "",
+            f"Closed loop: each client sends its next request when the last one ends, "
+            f"{meta['duration_per_level_s']:g} s per level. Latencies of successful requests; req/s = "
+            "successful requests ÷ wall time of the level.",
+            "",
+        ]
         latency, resources = [], []
         for lv in results["levels"]:
             s, res = lv["summary"], lv["resources"]
             svc = res.get("service_log") or {}
             mode = "stream" if lv["stream"] else "json"
-            latency.append([lv["concurrency"], mode, s["requests"], s["p50_s"], s["p90_s"], s["p99_s"],
-                            s["req_per_s"], s["errors"], s.get("ttfb_p50_s"), s.get("ttfc_p50_s"),
-                            svc.get("elapsed_s"), svc.get("thinking_s"), svc.get("fusion_s")])
-            resources.append([lv["concurrency"], mode, s["calls_per_request"], s["ray_cpu_ms_per_call"],
-                              s["ray_cpu_ms_per_call_net"], s["ray_cpu_ms_per_request"], res["ray_cores_busy"],
-                              res["machine_cores_busy"], res["ray_cpu_of_new_processes_s"],
-                              res["peak_ray_rss_mb"], res["peak_ray_pss_mb"],
-                              f"{res['max_replicas']['Thinker']}/{res['max_replicas']['Validator']}",
-                              "yes" if res["pytest_running"] else ""])
-        lines += _table(["conc.", "mode", "requests", "p50 s", "p90 s", "p99 s", "req/s", "errors",
-                         "TTFB p50 s", "first answer token p50 s", "service: elapsed p50 s", "thinking p50 s",
-                         "fusion p50 s"], latency)
-        lines += ["", "TTFB: the first SSE chunk (the role chunk, sent at once); first answer token: the first "
-                  "`content` delta (fusion). `service:` medians of the Ingress's own `request_complete` log "
-                  "lines for the same requests (thinking = threads, fusion = the fuser call).", ""]
-        lines += _table(["conc.", "mode", "calls/req", "Ray CPU ms/call", "… less idle baseline",
-                         "Ray CPU ms/request", "Ray cores busy", "machine cores busy",
-                         "CPU s of processes started in the level", "peak Ray RSS MB", "peak Ray PSS MB",
-                         "max Thinker/Validator", "pytest running"], resources)
+            latency.append(
+                [
+                    lv["concurrency"],
+                    mode,
+                    s["requests"],
+                    s["p50_s"],
+                    s["p90_s"],
+                    s["p99_s"],
+                    s["req_per_s"],
+                    s["errors"],
+                    s.get("ttfb_p50_s"),
+                    s.get("ttfc_p50_s"),
+                    svc.get("elapsed_s"),
+                    svc.get("thinking_s"),
+                    svc.get("fusion_s"),
+                ]
+            )
+            resources.append(
+                [
+                    lv["concurrency"],
+                    mode,
+                    s["calls_per_request"],
+                    s["ray_cpu_ms_per_call"],
+                    s["ray_cpu_ms_per_call_net"],
+                    s["ray_cpu_ms_per_request"],
+                    res["ray_cores_busy"],
+                    res["machine_cores_busy"],
+                    res["ray_cpu_of_new_processes_s"],
+                    res["peak_ray_rss_mb"],
+                    res["peak_ray_pss_mb"],
+                    f"{res['max_replicas']['Thinker']}/{res['max_replicas']['Validator']}",
+                    "yes" if res["pytest_running"] else "",
+                ]
+            )
+        lines += _table(
+            [
+                "conc.",
+                "mode",
+                "requests",
+                "p50 s",
+                "p90 s",
+                "p99 s",
+                "req/s",
+                "errors",
+                "TTFB p50 s",
+                "first answer token p50 s",
+                "service: elapsed p50 s",
+                "thinking p50 s",
+                "fusion p50 s",
+            ],
+            latency,
+        )
+        lines += [
+            "",
+            "TTFB: the first SSE chunk (the role chunk, sent at once); first answer token: the first "
+            "`content` delta (fusion). `service:` medians of the Ingress's own `request_complete` log "
+            "lines for the same requests (thinking = threads, fusion = the fuser call).",
+            "",
+        ]
+        lines += _table(
+            [
+                "conc.",
+                "mode",
+                "calls/req",
+                "Ray CPU ms/call",
+                "… less idle baseline",
+                "Ray CPU ms/request",
+                "Ray cores busy",
+                "machine cores busy",
+                "CPU s of processes started in the level",
+                "peak Ray RSS MB",
+                "peak Ray PSS MB",
+                "max Thinker/Validator",
+                "pytest running",
+            ],
+            resources,
+        )
         errs = {lv["name"]: lv["summary"]["errors_by_kind"] for lv in results["levels"] if lv["summary"]["errors"]}
         if errs:
             lines += ["", f"Errors by kind: `{json.dumps(errs)}`"]
         lines += ["", "![latency and throughput](bench/results/latency_throughput.png)", ""]
         top = max(results["levels"], key=lambda lv: lv["concurrency"] * 2 + (not lv["stream"]))
         idle = results.get("idle_baseline", {})
-        lines += [f"Ray CPU by process kind at concurrency {top['concurrency']} "
-                  f"({'stream' if top['stream'] else 'json'}), seconds over {top['resources']['wall_s']:.1f} s "
-                  f"(idle baseline: {idle.get('ray_cores_busy')} cores busy with no load):", ""]
-        lines += _table(["process", "CPU s", "share"],
-                        [[k, v, f"{100 * v / top['resources']['ray_cpu_s']:.0f}%"] for k, v in
-                         sorted(top["resources"]["ray_cpu_by_category_s"].items(), key=lambda kv: -kv[1]) if v > 0.005])
+        lines += [
+            f"Ray CPU by process kind at concurrency {top['concurrency']} "
+            f"({'stream' if top['stream'] else 'json'}), seconds over {top['resources']['wall_s']:.1f} s "
+            f"(idle baseline: {idle.get('ray_cores_busy')} cores busy with no load):",
+            "",
+        ]
+        lines += _table(
+            ["process", "CPU s", "share"],
+            [
+                [k, v, f"{100 * v / top['resources']['ray_cpu_s']:.0f}%"]
+                for k, v in sorted(top["resources"]["ray_cpu_by_category_s"].items(), key=lambda kv: -kv[1])
+                if v > 0.005
+            ],
+        )
         lines.append("")
     if results.get("burst"):
         b = results["burst"]
         s, res = b["summary"], b["resources"]
-        lines += ["### 1,000 in flight" if b["concurrency"] == 1000 else f"### {b['concurrency']} in flight", "",
-                  f"The simulated upstream restarted with {cfg['burst_upstream_latency_s']} s latency "
-                  f"(critical path {cfg['burst_critical_path_s']:g} s); after waiting "
-                  f"{b['settle']['wall_s']:.0f} s for Thinker/Validator to be back at one replica, "
-                  f"{b['concurrency']} non-stream requests fired at once.", ""]
+        lines += [
+            "### 1,000 in flight" if b["concurrency"] == 1000 else f"### {b['concurrency']} in flight",
+            "",
+            f"The simulated upstream restarted with {cfg['burst_upstream_latency_s']} s latency "
+            f"(critical path {cfg['burst_critical_path_s']:g} s); after waiting "
+            f"{b['settle']['wall_s']:.0f} s for Thinker/Validator to be back at one replica, "
+            f"{b['concurrency']} non-stream requests fired at once.",
+            "",
+        ]
         full = cfg["app"]["thinking"]["num_threads"]
         degraded = sum(v for k, v in s["threads_kept"].items() if k is not None and int(k) < full)
-        lines += _table(["requests", "ok", "errors", f"ok but from < {full} threads", "p50 s", "p90 s", "max s",
-                         "wall s", "calls/req", "steps validated / req (of 6)", "peak Ray RSS MB", "peak Ray PSS MB", "Ray CPU ms/call",
-                         "Ray cores busy", "max Thinker/Validator"],
-                        [[s["requests"], s["ok"], s["errors"], degraded, s["p50_s"], s["p90_s"], s["max_s"], b["wall_s"],
-                          s["calls_per_request"], s["steps_validated_mean"], res["peak_ray_rss_mb"],
-                          res["peak_ray_pss_mb"], s["ray_cpu_ms_per_call"], res["ray_cores_busy"],
-                          f"{res['max_replicas']['Thinker']}/{res['max_replicas']['Validator']}"]])
+        lines += _table(
+            [
+                "requests",
+                "ok",
+                "errors",
+                f"ok but from < {full} threads",
+                "p50 s",
+                "p90 s",
+                "max s",
+                "wall s",
+                "calls/req",
+                "steps validated / req (of 6)",
+                "peak Ray RSS MB",
+                "peak Ray PSS MB",
+                "Ray CPU ms/call",
+                "Ray cores busy",
+                "max Thinker/Validator",
+            ],
+            [
+                [
+                    s["requests"],
+                    s["ok"],
+                    s["errors"],
+                    degraded,
+                    s["p50_s"],
+                    s["p90_s"],
+                    s["max_s"],
+                    b["wall_s"],
+                    s["calls_per_request"],
+                    s["steps_validated_mean"],
+                    res["peak_ray_rss_mb"],
+                    res["peak_ray_pss_mb"],
+                    s["ray_cpu_ms_per_call"],
+                    res["ray_cores_busy"],
+                    f"{res['max_replicas']['Thinker']}/{res['max_replicas']['Validator']}",
+                ]
+            ],
+        )
         if s["errors"]:
             lines += ["", f"Errors by kind: `{json.dumps(s['errors_by_kind'])}`"]
         peak, end = res.get("rss_mb_by_category_at_peak"), (b.get("after") or {}).get("rss_mb_by_category_at_end")
         if peak:
             kinds = sorted(peak, key=lambda k: -peak[k])
             lines += ["", "RSS by process kind (MB) at the burst's peak and at the end of the watch after it:", ""]
-            lines += _table(["", *kinds], [["peak", *(peak[k] for k in kinds)],
-                                           ["after", *((end or {}).get(k) for k in kinds)]])
+            lines += _table(
+                ["", *kinds], [["peak", *(peak[k] for k in kinds)], ["after", *((end or {}).get(k) for k in kinds)]]
+            )
         lines.append("")
     if results.get("timeline"):
-        lines += ["### Replica counts over time", "",
-                  "Live replica processes (sampled every 0.5 s; a row whenever a count changes), and Serve's "
-                  "own autoscaling decisions from the controller log. t = seconds since the service was ready.", ""]
-        lines += _table(["t s", "phase", "Thinker", "Validator", "Ingress", "Fuser", "Ray RSS MB"],
-                        replica_changes(results))
+        lines += [
+            "### Replica counts over time",
+            "",
+            "Live replica processes (sampled every 0.5 s; a row whenever a count changes), and Serve's "
+            "own autoscaling decisions from the controller log. t = seconds since the service was ready.",
+            "",
+        ]
+        lines += _table(
+            ["t s", "phase", "Thinker", "Validator", "Ingress", "Fuser", "Ray RSS MB"], replica_changes(results)
+        )
         decisions = results.get("autoscaling_decisions") or []
         lines += ["", "Serve autoscaling decisions:", ""]
-        lines += _table(["t s", "phase", "deployment", "from", "to"],
-                        [[d["t"], _phase_at(results, d["t"]), d["deployment"], d["from"], d["to"]]
-                         for d in decisions]) if decisions else ["(none logged)"]
+        lines += (
+            _table(
+                ["t s", "phase", "deployment", "from", "to"],
+                [[d["t"], _phase_at(results, d["t"]), d["deployment"], d["from"], d["to"]] for d in decisions],
+            )
+            if decisions
+            else ["(none logged)"]
+        )
         lines.append("")
     if results.get("profile"):
         p = results["profile"]
-        lines += ["### Profile (py-spy, concurrency 64, non-stream)", "",
-                  f"`py-spy record --nonblocking --gil --rate 100 --format raw` for {p['seconds']} s on one replica of each; "
-                  "raw collapsed stacks in `bench/results/profile/` (not committed). `--gil`: only samples of the thread "
-                  "holding the GIL, i.e. where Python CPU time goes.", ""]
+        lines += [
+            "### Profile (py-spy, concurrency 64, non-stream)",
+            "",
+            f"`py-spy record --nonblocking --gil --rate 100 --format raw` for {p['seconds']} s on one replica of each; "
+            "raw collapsed stacks in `bench/results/profile/` (not committed). `--gil`: only samples of the thread "
+            "holding the GIL, i.e. where Python CPU time goes.",
+            "",
+        ]
         threads = p.get("thread_cpu_s") or {}
         if threads:
-            lines += ["CPU seconds by thread during the profile (Python threads all carry the process title; "
-                      "the other names are Ray's C++ threads, invisible to py-spy's Python stacks):", ""]
+            lines += [
+                "CPU seconds by thread during the profile (Python threads all carry the process title; "
+                "the other names are Ray's C++ threads, invisible to py-spy's Python stacks):",
+                "",
+            ]
             for dep, by_name in threads.items():
                 shown = [(k, v) for k, v in by_name.items() if v >= 0.05][:6]
                 lines += [f"- {dep}: " + ", ".join(f"`{k}` {v:.2f}" for k, v in shown)]
@@ -367,17 +547,25 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
             if "error" in summ:
                 lines += [f"- {dep}: {summ['error']}"]
                 continue
-            lines += [f"**{dep}** ({summ['samples']} samples holding the GIL)", "",
-                      "- self time by package: " + ", ".join(f"{k} {v}%" for k, v in summ["self_by_package_pct"][:8]),
-                      "- self time by function: " + ", ".join(f"`{k}` {v}%" for k, v in summ["self_pct"][:8]),
-                      "- inclusive: " + ", ".join(f"`{k}` {v}%" for k, v in summ["inclusive_pct"][:8]), ""]
+            lines += [
+                f"**{dep}** ({summ['samples']} samples holding the GIL)",
+                "",
+                "- self time by package: " + ", ".join(f"{k} {v}%" for k, v in summ["self_by_package_pct"][:8]),
+                "- self time by function: " + ", ".join(f"`{k}` {v}%" for k, v in summ["self_pct"][:8]),
+                "- inclusive: " + ", ".join(f"`{k}` {v}%" for k, v in summ["inclusive_pct"][:8]),
+                "",
+            ]
     if results.get("embedded"):
         e = results["embedded"]
-        lines += ["### Embedded default", "",
-                  f"`serve run` of the shipped `serve_config.yaml` (with the `local` llama.cpp app; HTTP port "
-                  f"changed, `configs/default.yaml` pointed at it): ready in {e['startup_s']} s; one request "
-                  f"{e['non_stream']['latency']} s non-stream (status {e['non_stream']['status']}), "
-                  f"{e['stream']['latency']} s stream (first answer token at {e['stream'].get('ttfc')} s).", ""]
+        lines += [
+            "### Embedded default",
+            "",
+            f"`serve run` of the shipped `serve_config.yaml` (with the `local` llama.cpp app; HTTP port "
+            f"changed, `configs/default.yaml` pointed at it): ready in {e['startup_s']} s; one request "
+            f"{e['non_stream']['latency']} s non-stream (status {e['non_stream']['status']}), "
+            f"{e['stream']['latency']} s stream (first answer token at {e['stream'].get('ttfc')} s).",
+            "",
+        ]
     if ANALYSIS.exists():
         lines += [ANALYSIS.read_text().strip(), ""]
     return "\n".join(lines)
@@ -420,8 +608,11 @@ def plot(results: dict, path: Path) -> bool:
         ax.legend(fontsize=8)
     ax1.set_ylim(bottom=0)
     ax2.set_ylim(bottom=0)
-    fig.suptitle(f"Token Killer, simulated upstream {results['config']['upstream_latency_s']} s/call, "
-                 f"{results['config']['calls_per_request']} calls/request", fontsize=10)
+    fig.suptitle(
+        f"Token Killer, simulated upstream {results['config']['upstream_latency_s']} s/call, "
+        f"{results['config']['calls_per_request']} calls/request",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -436,8 +627,9 @@ def write(results: dict, out: Path, markdown_path: Path) -> Path:
     plotted = plot(results, out / "latency_throughput.png")
     text = markdown(results, str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
     if not plotted:
-        text = text.replace("![latency and throughput](bench/results/latency_throughput.png)",
-                            "(no plot: matplotlib is not installed)")
+        text = text.replace(
+            "![latency and throughput](bench/results/latency_throughput.png)", "(no plot: matplotlib is not installed)"
+        )
     elif markdown_path.parent != ROOT:  # a report beside its plot links to it directly
         text = text.replace("(bench/results/latency_throughput.png)", "(latency_throughput.png)")
     if markdown_path == ROOT / "BENCHMARKS.md":

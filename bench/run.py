@@ -24,7 +24,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -77,8 +77,15 @@ def wait_for_quiet_machine(skip: bool) -> None:
         waited += 5
 
 
-def run_load(url: str, concurrency: int, *, stream: bool = False, duration: float | None = None,
-             requests: int | None = None, model: str = MODEL) -> dict:
+def run_load(
+    url: str,
+    concurrency: int,
+    *,
+    stream: bool = False,
+    duration: float | None = None,
+    requests: int | None = None,
+    model: str = MODEL,
+) -> dict:
     args = [sys.executable, "-m", "bench.load", "--url", url, "--concurrency", str(concurrency), "--model", model]
     args += ["--stream"] if stream else []
     args += ["--duration", str(duration)] if duration else []
@@ -169,12 +176,20 @@ class Bench:
                 wait_for_quiet_machine(a.ignore_pytest)
                 name = f"c{concurrency}{'-stream' if stream else ''}"
                 load, used = self.phase(name, run_load, self.url, concurrency, stream=stream, duration=a.duration)
-                entry = {"name": name, "concurrency": concurrency, "stream": stream, "wall_s": load["wall_s"],
-                         "resources": used, "records": load["records"]}
+                entry = {
+                    "name": name,
+                    "concurrency": concurrency,
+                    "stream": stream,
+                    "wall_s": load["wall_s"],
+                    "resources": used,
+                    "records": load["records"],
+                }
                 entry["summary"] = report.summarize(entry, self.results["idle_baseline"]["ray_cores_busy"])
                 s = entry["summary"]
-                log(f"{name}: {s['requests']} req, p50 {s['p50_s']} s, p90 {s['p90_s']} s, {s['req_per_s']} req/s, "
-                    f"errors {s['errors']}, {s['ray_cpu_ms_per_call']} ms CPU/call")
+                log(
+                    f"{name}: {s['requests']} req, p50 {s['p50_s']} s, p90 {s['p90_s']} s, {s['req_per_s']} req/s, "
+                    f"errors {s['errors']}, {s['ray_cpu_ms_per_call']} ms CPU/call"
+                )
                 self.results["levels"].append(entry)
 
     def profile(self) -> None:
@@ -185,11 +200,27 @@ class Bench:
         seconds = max(5, int(self.args.duration * 0.75))
         spies = {
             d: subprocess.Popen(
-                [str(BIN / "py-spy"), "record", "--nonblocking", "--gil", "--format", "raw", "--rate", "100",
-                 "--duration", str(seconds), "--pid", str(pids[0]), "--output", str(out / f"{d}.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    str(BIN / "py-spy"),
+                    "record",
+                    "--nonblocking",
+                    "--gil",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "100",
+                    "--duration",
+                    str(seconds),
+                    "--pid",
+                    str(pids[0]),
+                    "--output",
+                    str(out / f"{d}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
-            for d, pids in targets.items() if pids
+            for d, pids in targets.items()
+            if pids
         }
         log(f"profiling {', '.join(spies)} for {seconds} s under concurrency 64")
         threads_before = {d: thread_cpu(pids[0]) for d, pids in targets.items() if pids}
@@ -197,8 +228,10 @@ class Bench:
         threads = {}
         for d, before in threads_before.items():
             after = thread_cpu(targets[d][0])
-            threads[d] = {k: round(v - before.get(k, 0.0), 3) for k, v in
-                          sorted(after.items(), key=lambda kv: before.get(kv[0], 0.0) - kv[1])}
+            threads[d] = {
+                k: round(v - before.get(k, 0.0), 3)
+                for k, v in sorted(after.items(), key=lambda kv: before.get(kv[0], 0.0) - kv[1])
+            }
         for spy in spies.values():
             spy.wait(timeout=120)
         self.results["profile"] = {
@@ -220,12 +253,21 @@ class Bench:
         wait_for_quiet_machine(a.ignore_pytest)
         log(f"burst: {a.burst} requests at once")
         load, used = self.phase("burst", run_load, self.url, a.burst, requests=a.burst)
-        entry = {"name": "burst", "concurrency": a.burst, "stream": False, "wall_s": load["wall_s"],
-                 "resources": used, "records": load["records"], "settle": settle}
+        entry = {
+            "name": "burst",
+            "concurrency": a.burst,
+            "stream": False,
+            "wall_s": load["wall_s"],
+            "resources": used,
+            "records": load["records"],
+            "settle": settle,
+        }
         entry["summary"] = report.summarize(entry, self.results["idle_baseline"]["ray_cores_busy"])
         s = entry["summary"]
-        log(f"burst: {s['requests']} req, errors {s['errors']}, p50 {s['p50_s']} s, max {s['max_s']} s, "
-            f"peak Ray RSS {used['peak_ray_rss_mb']} MB")
+        log(
+            f"burst: {s['requests']} req, errors {s['errors']}, p50 {s['p50_s']} s, max {s['max_s']} s, "
+            f"peak Ray RSS {used['peak_ray_rss_mb']} MB"
+        )
         log(f"watching replicas for {a.observe} s after the burst")
         _, entry["after"] = self.phase("after-burst", time.sleep, a.observe)
         self.results["burst"] = entry
@@ -271,11 +313,17 @@ def machine_info() -> dict:
         model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     # Others edit the service while benchmarks run: record what the measured tree differed in.
-    dirty = subprocess.run(["git", "diff", "--stat", "HEAD", "--", "actors", "deployments", "serve_config.yaml"],
-                           cwd=ROOT, capture_output=True, text=True, check=False)
+    dirty = subprocess.run(
+        ["git", "diff", "--stat", "HEAD", "--", "actors", "deployments", "serve_config.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     import ray
 
     return {
@@ -304,12 +352,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle", type=float, default=5.0, help="seconds of idle baseline measurement")
     p.add_argument("--profile", action="store_true", help="py-spy the replicas under concurrency-64 load")
     p.add_argument("--embedded", action="store_true", help="also time one request on the embedded default")
-    p.add_argument("--override", action="append", default=[], metavar="DEPLOYMENT.KEY=VALUE",
-                   help="experiment: change one deployment option of serve_config.yaml (repeatable)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="DEPLOYMENT.KEY=VALUE",
+        help="experiment: change one deployment option of serve_config.yaml (repeatable)",
+    )
     p.add_argument("--ignore-pytest", action="store_true", help="do not wait for a running pytest")
     p.add_argument("--out", type=Path, default=None, help="results directory")
-    p.add_argument("--markdown", type=Path, default=None,
-                   help="report path (default: BENCHMARKS.md for a full run, else report.md in --out)")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="report path (default: BENCHMARKS.md for a full run, else report.md in --out)",
+    )
     a = p.parse_args(argv)
     q = a.quick
     a.scenarios = [s for s in a.scenarios.split(",") if s]
@@ -336,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args)
     bench.results["meta"] = {
         "command": " ".join([".venv/bin/python -m bench.run", *sys.argv[1:]]),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "scenarios": args.scenarios,
         "duration_per_level_s": args.duration,
@@ -355,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         bench.stop()
     if args.embedded:
         bench.embedded()
-    bench.results["meta"]["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    bench.results["meta"]["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     path = report.write(bench.results, args.out, args.markdown)
     log(f"wrote {path.relative_to(ROOT)}, {args.markdown.relative_to(ROOT)}")
 

@@ -60,7 +60,9 @@ def calls_per_request(app: dict[str, Any]) -> int:
     for the classic profile, which asks every call separately."""
     t, v = app["thinking"], app["validation"]
     per_step = 1 + (v["num_counterexamples"] + v["num_voters"] if v.get("enabled", True) else 0)
-    return t["num_threads"] * t["max_steps"] * per_step + (app.get("fusion", {}).get("strategy", "intelligent") == "intelligent")
+    return t["num_threads"] * t["max_steps"] * per_step + (
+        app.get("fusion", {}).get("strategy", "intelligent") == "intelligent"
+    )
 
 
 def critical_path(app: dict[str, Any], latency: float) -> float:
@@ -159,8 +161,14 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def start_upstream(port: int, latency: float, token_interval: float = 0.0, scenario: str | None = None,
-                   prefix_cache: bool = False, supports_n: bool = True) -> Proc:
+def start_upstream(
+    port: int,
+    latency: float,
+    token_interval: float = 0.0,
+    scenario: str | None = None,
+    prefix_cache: bool = False,
+    supports_n: bool = True,
+) -> Proc:
     """The simulated upstream's CLI; `scenario` names role-aware replies (tests/scenarios.py),
     None keeps "Simulated answer." for every call."""
     args = [sys.executable, "-m", "tests.simulated_upstream", "--port", str(port), "--latency", str(latency)]
@@ -177,8 +185,9 @@ def start_upstream(port: int, latency: float, token_interval: float = 0.0, scena
     return proc
 
 
-def start_serve(serve_yaml: Path, app_yaml: Path | None, port: int, timeout: float = 240.0,
-                check_local: bool = False) -> Proc:
+def start_serve(
+    serve_yaml: Path, app_yaml: Path | None, port: int, timeout: float = 240.0, check_local: bool = False
+) -> Proc:
     env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
     if app_yaml is not None:
         env["TOKEN_KILLER_CONFIG"] = str(app_yaml)

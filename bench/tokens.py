@@ -18,8 +18,7 @@ import asyncio
 import json
 import statistics
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any
 
 import openai
@@ -118,7 +117,7 @@ def measure(args: argparse.Namespace) -> dict:
     serve_yaml = write_yaml(WORK / "tokens_serve.yaml", shipped_serve_config(http_port, app_config=app_yaml))
     base = f"http://127.0.0.1:{http_port}"
     results: dict[str, Any] = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "latency_s": LATENCY_S,
         "price": PRICE,
         "requests": args.requests,
@@ -143,7 +142,7 @@ def measure(args: argparse.Namespace) -> dict:
     finally:
         serve.stop()
         upstream.stop()
-    results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     return results
 
 
@@ -159,9 +158,9 @@ def markdown(results: dict) -> str:
         f"${results['price']['output']} per million input / cached input / output tokens. "
         "`token-killer-classic` runs no economy mechanism; `token-killer` runs all of them.",
         "",
-        "| scenario | profile | calls | prompt tok | cached | completion tok | total tok | vs classic | cost $ | p50 s | "
-        "decisions per request (steps validated / failed / revised / flagged, threads kept) | passed unchallenged "
-        "| skipped | fusion |",
+        "| scenario | profile | calls | prompt tok | cached | completion tok | total tok | vs classic | cost $ "
+        "| p50 s | decisions per request (steps validated / failed / revised / flagged, threads kept) "
+        "| passed unchallenged | skipped | fusion |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []

@@ -37,5 +37,6 @@ def bind_service(
     fuser: Deployment = Fuser,
 ) -> Application:
     """The deployment graph; the deployments can be swapped (tests use failing variants)."""
-    return ingress.bind(config, prompts, thinker.bind(config, prompts, validator.bind(config, prompts)),
-                        fuser.bind(config, prompts))
+    return ingress.bind(
+        config, prompts, thinker.bind(config, prompts, validator.bind(config, prompts)), fuser.bind(config, prompts)
+    )

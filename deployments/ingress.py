@@ -187,4 +187,3 @@ class Ingress:
 
     def _finished(self, prepared: Prepared, run: DeepThinkingRun, outcome: str) -> None:
         self.metrics.request_done(prepared.profile, run.stats)
-

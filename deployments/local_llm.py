@@ -44,9 +44,7 @@ _ENGINE_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=9
 app = FastAPI(title="Token Killer local LLM", docs_url=None, redoc_url=None)
 
 
-def _error(
-    status: int, message: str, type_: str = "invalid_request_error"
-) -> JSONResponse:
+def _error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
     """OpenAI-shaped error body (the engine's own errors have the same shape)."""
     return JSONResponse(
         {"error": {"message": message, "type": type_, "code": status}},
@@ -114,7 +112,7 @@ class LocalLLM:
         assert self._session is not None
         try:
             resp = await self._session.post(self._chat_url, json=body)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             logger.warning("local engine unreachable: %r", exc)
             return _error(502, f"Local engine unreachable: {exc!r}", "engine_error")
 
@@ -128,7 +126,7 @@ class LocalLLM:
         # Non-stream answer, or an error before the stream started (JSON).
         try:
             content = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return _error(502, f"Local engine failed: {exc!r}", "engine_error")
         finally:
             resp.release()
@@ -148,11 +146,10 @@ class LocalLLM:
         try:
             async for chunk in resp.content.iter_any():
                 yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             # Headers are already sent; end the stream with an SSE error event.
             logger.warning("local engine stream broke: %r", exc)
-            error = {"message": f"Local engine failed: {exc!r}",
-                     "type": "engine_error", "code": 502}
+            error = {"message": f"Local engine failed: {exc!r}", "type": "engine_error", "code": 502}
             yield f"data: {json.dumps({'error': error})}\n\n".encode()
         finally:
             resp.close()
@@ -161,12 +158,14 @@ class LocalLLM:
     async def models(self) -> dict:
         return {
             "object": "list",
-            "data": [{
-                "id": LOCAL_MODEL_NAME,
-                "object": "model",
-                "created": self._created,
-                "owned_by": "token-killer",
-            }],
+            "data": [
+                {
+                    "id": LOCAL_MODEL_NAME,
+                    "object": "model",
+                    "created": self._created,
+                    "owned_by": "token-killer",
+                }
+            ],
         }
 
     # -- Serve hooks -------------------------------------------------------
@@ -177,9 +176,7 @@ class LocalLLM:
         threads, so /health answers at once even with every slot busy."""
         if self._session is None or not self._engine.running:
             raise RuntimeError("local engine is not running")
-        async with self._session.get(
-            self._health_url, timeout=aiohttp.ClientTimeout(total=10)
-        ) as resp:
+        async with self._session.get(self._health_url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"local engine /health returned {resp.status}")
 

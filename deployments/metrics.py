@@ -31,7 +31,8 @@ class ServiceMetrics:
             "tk_tokens", description="Tokens the upstreams reported, by role and kind.", tag_keys=("role", "kind")
         )
         self.cost = Counter(
-            "tk_cost_usd", description="What the upstreams billed, in USD at the configured prices.",
+            "tk_cost_usd",
+            description="What the upstreams billed, in USD at the configured prices.",
             tag_keys=("profile",),
         )
         self.verdicts = Counter(

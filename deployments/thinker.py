@@ -21,7 +21,6 @@ from actors.validation import ValidationBatches
 from deployments.handles import call_with_retries
 from deployments.replica import ReplicaResources
 
-
 # Each streamed update is one message through Ray: events less than this apart travel together
 # (the first of a quiet spell goes at once, so a step still shows the moment it is written).
 UPDATE_SPACING_S = 0.02

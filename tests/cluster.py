@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import free_port
+from tests.support import free_port
 
 BIN = Path(sys.executable).parent
 MARKER = "TK_TEST_CLUSTER_NODE"

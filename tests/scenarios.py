@@ -21,7 +21,7 @@ and n separate calls get the same answers.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from tests.simulated_upstream import message_text
 

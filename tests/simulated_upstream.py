@@ -30,8 +30,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -70,9 +71,7 @@ def message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     return ""
 
 
@@ -290,15 +289,13 @@ class SimulatedUpstream:
 
     # ---- lifecycle -------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "SimulatedUpstream":
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> SimulatedUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         # handler_cancellation: a client disconnect cancels the handler, so latency,
         # hangs and streams notice it. access_log=None: no per-request logging cost.
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
-        )
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -315,9 +312,7 @@ class SimulatedUpstream:
             self._runner = None
 
     @classmethod
-    def start_in_thread(
-        cls, host: str = "127.0.0.1", port: int = 0, **kwargs: Any
-    ) -> "SimulatedUpstream":
+    def start_in_thread(cls, host: str = "127.0.0.1", port: int = 0, **kwargs: Any) -> SimulatedUpstream:
         """Start serving from a private event loop in a daemon thread (for sync tests)."""
         upstream = cls(**kwargs)
         loop = asyncio.new_event_loop()
@@ -589,9 +584,7 @@ class SimulatedUpstream:
         record.completed = record.usage_reported = True
         return _json(payload)
 
-    async def _reset_body(
-        self, request: web.Request, record: CallRecord, choices: list[_Choice]
-    ) -> web.StreamResponse:
+    async def _reset_body(self, request: web.Request, record: CallRecord, choices: list[_Choice]) -> web.StreamResponse:
         """Headers promising the whole body (Content-Length), about half of it, then the cut."""
         body = json.dumps(self._payload(record, choices)).encode()
         record.completion_tokens = 0  # nothing usable reached the client
@@ -739,7 +732,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-records", type=int, default=1000, help="call records kept in memory")
     parser.add_argument(
-        "--scenario", choices=SCENARIOS, default=None,
+        "--scenario",
+        choices=SCENARIOS,
+        default=None,
         help='role-aware replies (tests/scenarios.py); default: "Simulated answer." to everything',
     )
     parser.add_argument("--complete-at", type=int, default=None, help="step at which thinkers answer")

@@ -39,10 +39,7 @@ def role_aware_reply(request: dict[str, Any]) -> str:
 
 def sim_config_dict(base_url: str, **sections: Any) -> dict[str, Any]:
     """A config as the YAML file would hold it; `sections` override top-level keys."""
-    models = {
-        role: {"base_url": base_url, "model": f"sim-{role}", "max_tokens": 64, "timeout_s": 2}
-        for role in ROLES
-    }
+    models = {role: {"base_url": base_url, "model": f"sim-{role}", "max_tokens": 64, "timeout_s": 2} for role in ROLES}
     config: dict[str, Any] = {
         "models": models,
         "thinking": {"num_threads": 3, "max_steps": 2},

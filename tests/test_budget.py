@@ -73,7 +73,11 @@ def rig(session, upstream, **sections):
         yield await Fuser(PROMPTS, clients["fuser"]).answer(job)
 
     serving = ChatServing(
-        config, PROMPTS, think_stream=think, think_whole=think, fuse_stream=Fuser(PROMPTS, clients["fuser"]).fuse,
+        config,
+        PROMPTS,
+        think_stream=think,
+        think_whole=think,
+        fuse_stream=Fuser(PROMPTS, clients["fuser"]).fuse,
         fuse_whole=fuse_whole,
     )
     return config, think, serving

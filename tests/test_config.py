@@ -60,7 +60,10 @@ def test_the_shipped_config_is_valid_and_the_built_in_defaults_are_the_documente
     }
     limits = LimitsConfig()
     assert (limits.max_threads, limits.max_steps, limits.budget_tokens, limits.max_budget_tokens) == (
-        8, 12, None, 2_000_000
+        8,
+        12,
+        None,
+        2_000_000,
     )
     assert load_prompts("en").thinker_system and "【完成】" in load_prompts("zh").thinker_system
 
@@ -186,8 +189,11 @@ def test_a_profile_can_switch_economy_off_or_back_on_one_at_a_time():
     config = sim_config(
         URL,
         economy=False,
-        profiles={"off": {}, "some": {"economy": {"n_sampling": True, "agreement_shortcut": "no_call"}},
-                  "none": {"economy": False}},
+        profiles={
+            "off": {},
+            "some": {"economy": {"n_sampling": True, "agreement_shortcut": "no_call"}},
+            "none": {"economy": False},
+        },
     )
     assert config.profile_settings["off"].economy.model_dump() == ALL_OFF
     assert config.profile_settings["none"].economy.model_dump() == ALL_OFF

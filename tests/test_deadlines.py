@@ -68,7 +68,9 @@ def test_a_stream_cut_at_the_deadline_ends_with_length(client, sim):
 
     assert elapsed < 3.5
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert content and "The fused final answer is 42.".startswith(content) and content != "The fused final answer is 42."
+    assert (
+        content and "The fused final answer is 42.".startswith(content) and content != "The fused final answer is 42."
+    )
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["length"]
     usage = chunks[-1].usage

@@ -103,9 +103,25 @@ def test_the_quality_harness_runs_end_to_end_on_the_embedded_model(embedded_serv
 
     from bench.quality import run as quality
 
-    results = quality.main(["--base-url", embedded_service, "--config", "configs/default.yaml",
-                            "--model", "token-killer", "--n", "3", "--levels", "1", "--concurrency", "3",
-                            "--no-append", "--out", str(tmp_path)])
+    results = quality.main(
+        [
+            "--base-url",
+            embedded_service,
+            "--config",
+            "configs/default.yaml",
+            "--model",
+            "token-killer",
+            "--n",
+            "3",
+            "--levels",
+            "1",
+            "--concurrency",
+            "3",
+            "--no-append",
+            "--out",
+            str(tmp_path),
+        ]
+    )
 
     problem_ids = sorted(p["id"] for p in results["problems"])
     assert len(problem_ids) == 3 and [a["kind"] for a in results["arms"]] == ["direct", "service"]

@@ -70,8 +70,15 @@ def test_sampling_and_shaping_fields_reach_the_fuser_only(client, sim):
     )
 
     [fuser] = fuser_calls(sim)
-    expected = {"temperature": 0.1, "top_p": 0.5, "seed": 7, "stop": ["answer"], "presence_penalty": 0.5,
-                "frequency_penalty": -0.5, "logit_bias": {"42": 5}}
+    expected = {
+        "temperature": 0.1,
+        "top_p": 0.5,
+        "seed": 7,
+        "stop": ["answer"],
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "logit_bias": {"42": 5},
+    }
     assert {k: fuser.request.get(k) for k in expected} == expected
     for record in sim.records:
         if record.model != "sim-fuser":
@@ -159,7 +166,11 @@ def test_a_conversation_with_earlier_tool_calls_and_results_keeps_working(client
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},

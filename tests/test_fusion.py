@@ -42,8 +42,15 @@ AGREEING = (
     ThreadResult(2, [Step(0, "Seven sixes make forty-two in the end.", False), Step(1, "answer: **42**", True)]),
 )
 JSON_ANSWER = AnswerSpec({"response_format": {"type": "json_object"}})
-TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 TOOL_ANSWER = AnswerSpec({"tools": TOOLS, "tool_choice": "required"})
 
 
@@ -350,7 +357,11 @@ async def test_answer_returns_the_whole_answer_in_one_delta(http_session, upstre
     fuser, settings = make(http_session, upstream)
     whole = await fuser.answer(fusion_job(settings))
     assert (whole.text, whole.finish_reason, whole.mode, whole.final, whole.restarted) == (
-        FUSED, "stop", "fused", True, False
+        FUSED,
+        "stop",
+        "fused",
+        True,
+        False,
     )
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == upstream.served_usage()
 
@@ -397,8 +408,10 @@ async def test_a_structured_answer_that_breaks_twice_is_unavailable(http_session
 def test_merge_tool_calls_joins_pieces_by_index():
     pieces = [
         [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}],
-        [{"index": 0, "function": {"arguments": '{"x": '}}, {"index": 1, "id": "call_b", "type": "function",
-                                                             "function": {"name": "g", "arguments": "{}"}}],
+        [
+            {"index": 0, "function": {"arguments": '{"x": '}},
+            {"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+        ],
         [{"index": 0, "function": {"arguments": "1}"}}],
     ]
     calls = []
@@ -420,9 +433,14 @@ def test_merge_delta_keeps_text_logprobs_and_the_final_fields():
     whole = FusionDelta()
     merge_delta(whole, FusionDelta("a", logprobs=[{"token": "a"}]))
     usage = UsageLedger()
-    merge_delta(whole, FusionDelta("b", logprobs=[{"token": "b"}], finish_reason="stop", usage=usage, final=True,
-                                   mode="fused"))
+    merge_delta(
+        whole, FusionDelta("b", logprobs=[{"token": "b"}], finish_reason="stop", usage=usage, final=True, mode="fused")
+    )
     assert (whole.text, whole.logprobs, whole.finish_reason, whole.final, whole.mode) == (
-        "ab", [{"token": "a"}, {"token": "b"}], "stop", True, "fused"
+        "ab",
+        [{"token": "a"}, {"token": "b"}],
+        "stop",
+        True,
+        "fused",
     )
     assert whole.usage is usage

@@ -10,9 +10,7 @@ from actors.local_engine import LOCAL_MODEL_NAME, LocalEngine, find_smollm2_mode
 
 pytestmark = [pytest.mark.embedded, pytest.mark.timeout(60)]
 
-MESSAGES = [
-    {"role": "user", "content": "What is the capital of France? Answer briefly."}
-]
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +35,7 @@ def _assert_usage(usage: dict) -> None:
 
 
 async def test_chat_completion(engine):
-    body = {"model": LOCAL_MODEL_NAME, "messages": MESSAGES, "max_tokens": 32,
-            "temperature": 0}
+    body = {"model": LOCAL_MODEL_NAME, "messages": MESSAGES, "max_tokens": 32, "temperature": 0}
     async with (
         aiohttp.ClientSession() as session,
         session.post(engine.base_url + "/chat/completions", json=body) as resp,
@@ -52,8 +49,14 @@ async def test_chat_completion(engine):
 
 
 async def test_stream_with_usage(engine):
-    body = {"model": LOCAL_MODEL_NAME, "messages": MESSAGES, "max_tokens": 32,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": LOCAL_MODEL_NAME,
+        "messages": MESSAGES,
+        "max_tokens": 32,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     chunks, done = [], False
     async with (
         aiohttp.ClientSession() as session,
@@ -71,8 +74,7 @@ async def test_stream_with_usage(engine):
                 break
             chunks.append(json.loads(payload))
     assert done, "stream did not end with [DONE]"
-    text = "".join(c["choices"][0]["delta"].get("content") or ""
-                   for c in chunks if c["choices"])
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text.strip()
     # include_usage: the last chunk has no choices, only usage.
     assert chunks[-1]["choices"] == []

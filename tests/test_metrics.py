@@ -10,17 +10,17 @@ from tests.conftest import METRICS_PORT
 pytestmark = pytest.mark.serve
 
 EXPECTED = [
-    'ray_tk_upstream_calls_total{',
+    "ray_tk_upstream_calls_total{",
     'role="thinker"',
     'outcome="ok"',
     "ray_tk_upstream_latency_s_bucket{",
-    'ray_tk_tokens_total{',
+    "ray_tk_tokens_total{",
     'kind="completion"',
-    'ray_tk_validation_verdicts_total{',
+    "ray_tk_validation_verdicts_total{",
     'verdict="passed"',
-    'ray_tk_threads_total{',
+    "ray_tk_threads_total{",
     'outcome="kept"',
-    'ray_tk_phase_duration_s_bucket{',
+    "ray_tk_phase_duration_s_bucket{",
     'phase="fusion"',
     "ray_tk_requests_in_flight{",
 ]

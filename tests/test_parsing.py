@@ -112,7 +112,7 @@ def test_a_critic_that_raised_something(text):
         ("答案：1,000。", "1000"),
         ("答案: 42【完成】", "42"),
         ("ANSWER: 41\nOn second thought:\nANSWER: 42", "42"),
-        ("ANSWER: \"yes\"", "yes"),
+        ('ANSWER: "yes"', "yes"),
     ],
 )
 def test_final_answer_is_normalized(text, answer):

@@ -36,7 +36,7 @@ REPLIES = [
     ("Step 1: 10. Step 2: 15.\nANSWER: <number>\nSo the result is 15.", NUMBER, "15"),
     ("I am not sure how to solve this.", NUMBER, None),
     ("", NUMBER, None),
-    ("P is true and Q is false, so \"P and not Q\" is true.\n\nANSWER: yes", YES_NO, "yes"),
+    ('P is true and Q is false, so "P and not Q" is true.\n\nANSWER: yes', YES_NO, "yes"),
     ("**ANSWER: No.**", YES_NO, "no"),
     ("Since Q is false, the statement is false.", YES_NO, "no"),
     ("Yes, I can do that. Evaluating: R is true, so the whole statement is not true.", YES_NO, "no"),
@@ -61,15 +61,26 @@ def test_no_reply_at_all_is_no_answer():
     assert extract_answer("Ann is tallest", WORD, ()) is None
 
 
-@pytest.mark.parametrize("words, value", [("zero", 0), ("seven", 7), ("nineteen", 19), ("forty-two", 42),
-                                          ("ninety nine", 99), ("one hundred and five", 105),
-                                          ("two thousand three hundred", 2300)])
+@pytest.mark.parametrize(
+    "words, value",
+    [
+        ("zero", 0),
+        ("seven", 7),
+        ("nineteen", 19),
+        ("forty-two", 42),
+        ("ninety nine", 99),
+        ("one hundred and five", 105),
+        ("two thousand three hundred", 2300),
+    ],
+)
 def test_words_to_number(words, value):
     assert words_to_number(words) == value
 
 
-SPELLED = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-          "seventeen eighteen nineteen".split()
+SPELLED = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split()
+)
 TENS = {2: "twenty", 3: "thirty", 4: "forty", 5: "fifty", 6: "sixty", 7: "seventy", 8: "eighty", 9: "ninety"}
 
 
@@ -98,11 +109,17 @@ def styles(problem) -> list[str]:
         return out
     if problem.compare == YES_NO:
         other = "no" if a == "yes" else "yes"
-        return [f"ANSWER: {a}", f"Is it {other}? Let me check.\n\nANSWER: {a.capitalize()}.",
-                f"Checking each part... no, wait: the answer is **{a.upper()}**"]
+        return [
+            f"ANSWER: {a}",
+            f"Is it {other}? Let me check.\n\nANSWER: {a.capitalize()}.",
+            f"Checking each part... no, wait: the answer is **{a.upper()}**",
+        ]
     other = next(c for c in problem.candidates if c != a)
-    return [f"ANSWER: {a}", f"{other} is not it.\n\n**ANSWER:** **{a.upper()}**",
-            f"Comparing {other} with the rest, the one asked for is {a}."]
+    return [
+        f"ANSWER: {a}",
+        f"{other} is not it.\n\n**ANSWER:** **{a.upper()}**",
+        f"Comparing {other} with the rest, the one asked for is {a}.",
+    ]
 
 
 @pytest.mark.parametrize("problem", generate(150, seed=1), ids=lambda p: p.id)

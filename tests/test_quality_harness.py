@@ -45,14 +45,17 @@ def test_direct_arm_reads_the_thinker_and_gives_it_one_thread_budget():
     other = direct_arm(config, None, base_url="http://127.0.0.1:9/v1", model="m", max_tokens=7)
     assert (other.base_url, other.model, other.max_tokens) == ("http://127.0.0.1:9/v1", "m", 7)
     with pytest.raises(ValueError, match="api_key_env"):
-        direct_arm({"models": {"thinker": {"base_url": "u", "model": "m", "api_key_env": "TK_QUALITY_UNSET_KEY"}}}, None)
+        direct_arm(
+            {"models": {"thinker": {"base_url": "u", "model": "m", "api_key_env": "TK_QUALITY_UNSET_KEY"}}}, None
+        )
     with pytest.raises(ValueError, match="thinker"):
         direct_arm({"models": {}}, None)
 
 
 def test_costs():
-    usage = SimpleNamespace(prompt_tokens=1000, completion_tokens=500,
-                            prompt_tokens_details=SimpleNamespace(cached_tokens=400))
+    usage = SimpleNamespace(
+        prompt_tokens=1000, completion_tokens=500, prompt_tokens_details=SimpleNamespace(cached_tokens=400)
+    )
     price = {"input": 1.0, "cached_input": 0.5, "output": 4.0}
     assert direct_cost_usd(usage, price) == pytest.approx((600 * 1.0 + 400 * 0.5 + 500 * 4.0) / 1e6)
     assert direct_cost_usd(usage, None) is None
@@ -62,9 +65,18 @@ def test_costs():
 
 def test_summary_counts_errors_as_wrong_and_averages_answered_problems():
     def record(correct, tokens, error=None, level=1):
-        return {"correct": correct, "error": error, "level": level, "kind": "units", "extracted": "1" if tokens else None,
-                "prompt_tokens": tokens, "completion_tokens": tokens, "total_tokens": tokens and 2 * tokens,
-                "cost_usd": None, "latency_s": 1.0}
+        return {
+            "correct": correct,
+            "error": error,
+            "level": level,
+            "kind": "units",
+            "extracted": "1" if tokens else None,
+            "prompt_tokens": tokens,
+            "completion_tokens": tokens,
+            "total_tokens": tokens and 2 * tokens,
+            "cost_usd": None,
+            "latency_s": 1.0,
+        }
 
     s = summarize_arm([record(True, 100), record(False, 300, level=2), record(False, None, "HTTP 502")])
     assert (s["n"], s["correct"], s["errors"]) == (3, 1, 1)
@@ -89,15 +101,39 @@ def test_a_whole_run_against_the_simulated_upstream(sim, tmp_path):
     n, seed = 10, 3
     answers = {p.question: p.answer for p in generate(n, seed, (1, 2, 3))}
     sim.default_reply = lambda request: (
-        f"Working through 7 and 3 first.\n\nANSWER: {answers[request['messages'][-1]['content']]}")
-    config = {"models": {"thinker": {"base_url": sim.base_url, "model": "simulated", "max_tokens": 50,
-                                     "price": {"input": 1.0, "output": 2.0}}},
-              "thinking": {"max_steps": 2}}
+        f"Working through 7 and 3 first.\n\nANSWER: {answers[request['messages'][-1]['content']]}"
+    )
+    config = {
+        "models": {
+            "thinker": {
+                "base_url": sim.base_url,
+                "model": "simulated",
+                "max_tokens": 50,
+                "price": {"input": 1.0, "output": 2.0},
+            }
+        },
+        "thinking": {"max_steps": 2},
+    }
     config_path = tmp_path / "app.yaml"
     config_path.write_text(yaml.safe_dump(config))
 
-    results = run.main(["--base-url", sim.base_url, "--config", str(config_path), "--n", str(n),
-                        "--seed", str(seed), "--concurrency", "3", "--no-append", "--out", str(tmp_path / "out")])
+    results = run.main(
+        [
+            "--base-url",
+            sim.base_url,
+            "--config",
+            str(config_path),
+            "--n",
+            str(n),
+            "--seed",
+            str(seed),
+            "--concurrency",
+            "3",
+            "--no-append",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
 
     assert [a["name"] for a in results["arms"]] == ["direct: simulated", "simulated"]
     assert results["service"]["listed_models"] == ["simulated"]
@@ -107,7 +143,8 @@ def test_a_whole_run_against_the_simulated_upstream(sim, tmp_path):
         assert summary["mean_total_tokens"] > 0
     direct = results["summaries"]["direct: simulated"]
     assert direct["mean_cost_usd"] == pytest.approx(
-        (direct["mean_prompt_tokens"] * 1.0 + direct["mean_completion_tokens"] * 2.0) / 1e6)
+        (direct["mean_prompt_tokens"] * 1.0 + direct["mean_completion_tokens"] * 2.0) / 1e6
+    )
     assert results["summaries"]["simulated"]["mean_cost_usd"] is None  # no token_killer.cost
     # The direct arm asks with one thread's budget (50 per step × 2 steps); the service arm sets none.
     assert Counter(r.request.get("max_tokens") for r in sim.records) == {100: n, None: n}

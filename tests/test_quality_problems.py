@@ -56,11 +56,28 @@ def derive_arithmetic(text: str) -> float:
 
 # Each unit in an SI base unit (m, g, L, s, m/s, m²); looked up, not taken from the generator.
 SI = {
-    "kilometres": 1000, "metres": 1, "centimetres": 0.01, "millimetres": 0.001, "miles": 1609.344,
-    "inches": 0.0254, "feet": 0.3048, "kilograms": 1000, "grams": 1, "pounds": 453.59237, "ounces": 453.59237 / 16,
-    "litres": 1, "millilitres": 0.001, "US gallons": 231 * 0.0254**3 * 1000, "hours": 3600, "minutes": 60,
-    "seconds": 1, "kilometres per hour": 1000 / 3600, "metres per second": 1, "miles per hour": 1609.344 / 3600,
-    "square metres": 1, "square centimetres": 0.0001,
+    "kilometres": 1000,
+    "metres": 1,
+    "centimetres": 0.01,
+    "millimetres": 0.001,
+    "miles": 1609.344,
+    "inches": 0.0254,
+    "feet": 0.3048,
+    "kilograms": 1000,
+    "grams": 1,
+    "pounds": 453.59237,
+    "ounces": 453.59237 / 16,
+    "litres": 1,
+    "millilitres": 0.001,
+    "US gallons": 231 * 0.0254**3 * 1000,
+    "hours": 3600,
+    "minutes": 60,
+    "seconds": 1,
+    "kilometres per hour": 1000 / 3600,
+    "metres per second": 1,
+    "miles per hour": 1609.344 / 3600,
+    "square metres": 1,
+    "square centimetres": 0.0001,
 }
 
 
@@ -94,8 +111,11 @@ def derive_ordering(text: str) -> tuple[str, set[str]]:
         assert comparative in MORE | LESS, comparative
         above.append((a, b) if comparative in MORE else (b, a))
     people = {name for pair in above for name in pair}
-    orders = [order for order in itertools.permutations(sorted(people))
-              if all(order.index(a) < order.index(b) for a, b in above)]
+    orders = [
+        order
+        for order in itertools.permutations(sorted(people))
+        if all(order.index(a) < order.index(b) for a, b in above)
+    ]
     assert len(orders) == 1, f"{len(orders)} orders fit: {text}"
     m = re.search(r"Who is the (?:(second|third|fourth) )?(\w+)\?", text)
     rank, superlative = RANKS[m[1]], m[2]
@@ -156,7 +176,7 @@ def derive_truth(text: str):
         values = {name: value == "true" for name, value in re.findall(r"\b([A-Z]) is (true|false)", text)}
         return "yes" if function(values) else "no"
     names = re.findall(r"\b([A-Z])\b", text.split("values of")[1].split("(")[0])
-    rows = [dict(zip(names, bits)) for bits in itertools.product((True, False), repeat=len(names))]
+    rows = [dict(zip(names, bits, strict=True)) for bits in itertools.product((True, False), repeat=len(names))]
     assert f"({len(rows)} rows" in text
     return sum(function(row) for row in rows)
 

@@ -58,7 +58,7 @@ def test_faulty_upstreams_still_answer_every_request(client, sim, model):
     retried = defaultdict(int)
     for calls in attempts.values():
         calls.sort(key=lambda r: r.started)
-        for this, retry in zip(calls, calls[1:]):
+        for this, retry in zip(calls, calls[1:], strict=False):
             retried[this.fault] += 1
             if this.status == 429:
                 assert retry.started - this.finished >= 1.0, "retried sooner than Retry-After"

@@ -94,9 +94,7 @@ def test_the_whole_conversation_reaches_threads_and_fuser(client, sim):
 
 def test_failed_validation_revises_the_step_with_the_counterexamples(client, sim):
     sim.default_reply = lambda req: (
-        "The step is wrong: 6*7 is not 41."
-        if req["model"] == "sim-counterexample"
-        else role_aware_reply(req)
+        "The step is wrong: 6*7 is not 41." if req["model"] == "sim-counterexample" else role_aware_reply(req)
     )
     # The first three votes (one step's voters) reject it; every later vote passes.
     sim.add_rule(Rule(model="sim-voter", reply="VOTE: COUNTEREXAMPLE", times=3))
@@ -106,9 +104,7 @@ def test_failed_validation_revises_the_step_with_the_counterexamples(client, sim
     extension = reply.model_extra["token_killer"]
     assert extension["steps_failed"] == 1
     assert extension["steps_revised"] == 1
-    revisions = [
-        r for r in sim.records if r.model == "sim-thinker" and "was challenged" in json.dumps(r.messages)
-    ]
+    revisions = [r for r in sim.records if r.model == "sim-thinker" and "was challenged" in json.dumps(r.messages)]
     assert len(revisions) == 1
     assert "6*7 is not 41" in json.dumps(revisions[0].messages)
     reasoning = reply.choices[0].message.model_extra["reasoning_content"]

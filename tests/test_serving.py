@@ -24,8 +24,15 @@ QUESTION = "What is six times seven?"
 USER = {"role": "user", "content": QUESTION}
 ANSWER = "The fused final answer is 42."
 STEP = "We reason about the problem carefully."
-TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 
 class Rig:
@@ -55,7 +62,12 @@ class Rig:
             self.finished.append(outcome)
 
         self.serving = ChatServing(
-            self.config, PROMPTS, think_stream=think, think_whole=think, fuse_stream=fuser.fuse, fuse_whole=fuse_whole,
+            self.config,
+            PROMPTS,
+            think_stream=think,
+            think_whole=think,
+            fuse_stream=fuser.fuse,
+            fuse_whole=fuse_whole,
             on_finish=on_finish,
         )
 
@@ -140,8 +152,10 @@ def test_every_unsupported_field_is_refused_by_name(rig, upstream, field, value)
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-         "messages[0].content[0].type"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].type",
+        ),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ],
@@ -192,8 +206,12 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "lookup", "argu
     "messages",
     [
         [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "6*7?"}]}],
-        [USER, {"role": "assistant", "content": None, "tool_calls": [CALL]},
-         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, USER],
+        [
+            USER,
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            USER,
+        ],
         [USER, {"role": "assistant", "content": None, "refusal": "I cannot."}, USER],
         [{"role": "developer", "content": "Be brief."}, USER, {"role": "assistant", "content": "42", "name": "bot"}],
     ],
@@ -207,8 +225,11 @@ def test_messages_that_follow_the_rules_are_accepted(rig, messages):
     [
         ({"tool_choice": "auto"}, "tool_choice", "only allowed when 'tools'"),
         ({"parallel_tool_calls": True}, "parallel_tool_calls", "only allowed when 'tools'"),
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}}, "tool_choice",
-         "'search'"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}},
+            "tool_choice",
+            "'search'",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name", ""),
         ({"tools": [{"type": "retrieval"}]}, "tools[0].type", ""),
     ],
@@ -221,9 +242,15 @@ def test_tool_rules(rig, body, param, says):
 
 def test_accepted_fields_that_change_nothing(rig):
     prepared = rig.prepare(
-        user="u-1", safety_identifier="s", metadata={"k": "v"}, store=False, service_tier="auto",
-        prompt_cache_key="p", modalities=["text"], n=1, stream_options={"include_usage": False,
-                                                                       "include_obfuscation": False},
+        user="u-1",
+        safety_identifier="s",
+        metadata={"k": "v"},
+        store=False,
+        service_tier="auto",
+        prompt_cache_key="p",
+        modalities=["text"],
+        n=1,
+        stream_options={"include_usage": False, "include_obfuscation": False},
     )
     assert prepared.plan.answer.params == {}
 
@@ -231,8 +258,16 @@ def test_accepted_fields_that_change_nothing(rig):
 def test_the_answer_fields_go_to_the_fuser_in_wire_form(rig):
     named = {"type": "function", "function": {"name": "lookup"}}
     prepared = rig.prepare(
-        max_tokens=100, max_completion_tokens=50, temperature=0.3, stop="END", logprobs=True, top_logprobs=2,
-        response_format={"type": "json_object"}, tools=TOOLS, tool_choice=named, parallel_tool_calls=False,
+        max_tokens=100,
+        max_completion_tokens=50,
+        temperature=0.3,
+        stop="END",
+        logprobs=True,
+        top_logprobs=2,
+        response_format={"type": "json_object"},
+        tools=TOOLS,
+        tool_choice=named,
+        parallel_tool_calls=False,
     )
     assert prepared.plan.answer.params == {
         "max_tokens": 50,  # max_completion_tokens supersedes max_tokens
@@ -401,11 +436,25 @@ async def test_a_completion_has_the_openai_shape_and_exact_usage(rig, upstream):
 
 async def test_the_extension_field_reports_the_run(rig, upstream):
     extension = (await rig.complete()).token_killer
-    assert {k: extension[k] for k in (
-        "profile", "calls_aborted", "cost", "budget_tokens", "threads_kept", "threads_failed", "steps_validated",
-        "steps_failed", "steps_revised", "steps_flagged", "steps_unchallenged", "skipped", "fusion",
-        "fusion_fallback_thread",
-    )} == {
+    assert {
+        k: extension[k]
+        for k in (
+            "profile",
+            "calls_aborted",
+            "cost",
+            "budget_tokens",
+            "threads_kept",
+            "threads_failed",
+            "steps_validated",
+            "steps_failed",
+            "steps_revised",
+            "steps_flagged",
+            "steps_unchallenged",
+            "skipped",
+            "fusion",
+            "fusion_fallback_thread",
+        )
+    } == {
         "profile": "token-killer",
         "calls_aborted": 0,
         "cost": None,
@@ -427,7 +476,8 @@ async def test_the_extension_field_reports_the_run(rig, upstream):
     for role, usage in by_role.items():
         served = [r for r in upstream.records if r.model == f"sim-{role}"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
-            sum(r.prompt_tokens for r in served), sum(r.completion_tokens for r in served)
+            sum(r.prompt_tokens for r in served),
+            sum(r.completion_tokens for r in served),
         )
 
 
@@ -500,11 +550,15 @@ async def test_a_stream_has_the_openai_shape(rig, upstream):
     payloads = chunks(lines)
     assert len(payloads) == len(lines) - 1  # no keepalive needed here
     first, *middle, last_choice, usage_chunk = payloads
-    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                 "finish_reason": None, "logprobs": None}]
+    assert first["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+    ]
     for chunk in payloads:
-        assert (chunk["id"], chunk["object"], chunk["model"]) == ("chatcmpl-req-1", "chat.completion.chunk",
-                                                                 "token-killer")
+        assert (chunk["id"], chunk["object"], chunk["model"]) == (
+            "chatcmpl-req-1",
+            "chat.completion.chunk",
+            "token-killer",
+        )
     for chunk in [first, *middle, last_choice]:
         assert chunk["usage"] is None and len(chunk["choices"]) == 1
     for chunk in middle:
@@ -520,7 +574,8 @@ async def test_a_stream_has_the_openai_shape(rig, upstream):
     assert usage_chunk["choices"] == []
     prompt, completion_tokens = upstream.served_usage()
     assert (usage_chunk["usage"]["prompt_tokens"], usage_chunk["usage"]["completion_tokens"]) == (
-        prompt, completion_tokens
+        prompt,
+        completion_tokens,
     )
     assert usage_chunk["token_killer"]["threads_kept"] == 2
     assert rig.finished == ["ok"]
@@ -656,8 +711,9 @@ async def test_cache_friendly_prompts_let_the_providers_prefix_cache_serve_more(
     cached = {}
     for friendly in (True, False):
         upstream.reset()
-        completion = await rig.complete(messages=[system, USER],
-                                        token_killer={"economy": {"cache_friendly_prompts": friendly}})
+        completion = await rig.complete(
+            messages=[system, USER], token_killer={"economy": {"cache_friendly_prompts": friendly}}
+        )
         cached[friendly] = completion.usage.prompt_tokens_details.cached_tokens
         assert cached[friendly] == upstream.served_cached_tokens()
         assert completion.token_killer["usage_by_role"]["fuser"]["cached_tokens"] == sum(

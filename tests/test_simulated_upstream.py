@@ -61,7 +61,12 @@ async def test_non_stream_usage_is_exact(upstream, client_for):
     assert upstream.served_usage() == (6, 4)
     [rec] = upstream.records
     assert (rec.status, rec.role, rec.model, rec.completed, rec.usage_reported, rec.cancelled) == (
-        200, "HELLO THERE", "m", True, True, False
+        200,
+        "HELLO THERE",
+        "m",
+        True,
+        True,
+        False,
     )
     assert rec.finished >= rec.started
 
@@ -111,7 +116,9 @@ async def test_429_once_then_success(upstream, client_for):
 async def test_error_statuses_are_openai_shaped(upstream, status):
     upstream.fault_rates = {str(status): 1.0}
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{upstream.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES}) as r:
+        async with session.post(
+            f"{upstream.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES}
+        ) as r:
             assert r.status == status
             body = await r.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -141,7 +148,7 @@ async def test_malformed_body_and_stream(upstream):
         async with session.post(url, json={"model": "m", "messages": MESSAGES, "stream": True}) as r:
             lines = [line for line in (await r.text()).splitlines() if line.startswith("data: ")]
     with pytest.raises(json.JSONDecodeError):
-        json.loads(lines[0][len("data: "):])
+        json.loads(lines[0][len("data: ") :])
     assert upstream.served_usage() == (0, 0)
 
 
@@ -171,7 +178,7 @@ async def test_stream_cut_short_counts_words_sent(client_for):
             model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
         )
         seen = 0
-        async for chunk in stream:
+        async for _chunk in stream:
             seen += 1
             if seen == 5:
                 break
@@ -207,8 +214,10 @@ async def test_rules_match_in_order_and_expire(upstream, client_for):
     upstream.add_rule(Rule(contains="friend", reply=lambda req: f"for {req['model']}", times=2))
     upstream.add_rule(Rule(contains="friend", reply="fallback"))
     client = client_for(upstream)
-    got = [(await client.chat.completions.create(model="m", messages=MESSAGES)).choices[0].message.content
-           for _ in range(3)]
+    got = [
+        (await client.chat.completions.create(model="m", messages=MESSAGES)).choices[0].message.content
+        for _ in range(3)
+    ]
     assert got == ["for m", "for m", "fallback"]
     upstream.clear_rules()
     resp = await client.chat.completions.create(model="m", messages=MESSAGES, extra_headers={"X-Request-Tag": "t1"})
@@ -477,7 +486,9 @@ async def test_tool_choice_forces_a_call_with_required_arguments(upstream, clien
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "x", "days": 1, "scale": 1.5, "metric": True, "when": None}
     named = await client.chat.completions.create(
-        model="m", messages=MESSAGES, tools=WEATHER_TOOLS,
+        model="m",
+        messages=MESSAGES,
+        tools=WEATHER_TOOLS,
         tool_choice={"type": "function", "function": {"name": "get_time"}},
     )
     call = named.choices[0].message.tool_calls[0]
@@ -523,12 +534,12 @@ async def test_response_format_json_object(upstream, client_for):
 
 
 async def test_response_format_json_schema_parses_into_the_model(upstream, client_for):
-    from enum import Enum
-    from typing import Literal, Optional
+    from enum import StrEnum
+    from typing import Literal
 
     from pydantic import BaseModel
 
-    class Color(str, Enum):
+    class Color(StrEnum):
         RED = "red"
         BLUE = "blue"
 
@@ -544,14 +555,18 @@ async def test_response_format_json_schema_parses_into_the_model(upstream, clien
         color: Color
         items: list[Item]
         best: Item
-        note: Optional[str]
+        note: str | None
 
-    completion = await client_for(upstream).chat.completions.parse(
-        model="m", messages=MESSAGES, response_format=Report
-    )
+    completion = await client_for(upstream).chat.completions.parse(model="m", messages=MESSAGES, response_format=Report)
     assert completion.choices[0].message.parsed == Report(
-        title="text", score=4.2, ok=True, kind="a", color=Color.RED,
-        items=[Item(name="text", qty=42)], best=Item(name="text", qty=42), note="text",
+        title="text",
+        score=4.2,
+        ok=True,
+        kind="a",
+        color=Color.RED,
+        items=[Item(name="text", qty=42)],
+        best=Item(name="text", qty=42),
+        note="text",
     )
 
 
@@ -576,7 +591,9 @@ async def test_stop_cuts_before_the_first_stop_string(upstream, client_for):
 async def test_reset_non_stream_breaks_the_body(upstream, client_for):
     upstream.add_rule(Rule(fault="reset", reply=" ".join(f"w{i}" for i in range(50))))
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{upstream.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES}) as r:
+        async with session.post(
+            f"{upstream.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES}
+        ) as r:
             assert r.status == 200
             length = int(r.headers["Content-Length"])
             received = b""
@@ -603,14 +620,18 @@ async def test_reset_stream_sends_half_the_pieces(upstream):
             with pytest.raises(aiohttp.ClientPayloadError):
                 async for line in r.content:
                     if line.startswith(b"data: "):
-                        events.append(line[len(b"data: "):].strip())
+                        events.append(line[len(b"data: ") :].strip())
     assert b"[DONE]" not in events
     deltas = [json.loads(e)["choices"][0]["delta"] for e in events]
     assert deltas == [{"role": "assistant", "content": ""}, {"content": "a"}, {"content": " b"}, {"content": " c"}]
     await wait_idle(upstream)
     [rec] = upstream.records
     assert (rec.status, rec.role, rec.completion_tokens, rec.usage_reported, rec.completed) == (
-        "reset", None, 3, False, False
+        "reset",
+        None,
+        3,
+        False,
+        False,
     )
 
 

@@ -58,7 +58,7 @@ def test_n_sampling_asks_once_and_makes_up_what_an_upstream_ignores(client, sim)
     sim.supports_n = False  # a provider that answers one choice whatever `n` says
     try:
         # Each Validator replica learns it from its first answer; soon no call asks for n again.
-        for attempt in range(6):
+        for _ in range(6):
             sim.reset()
             reply = client.chat.completions.create(model="token-killer", messages=QUESTION)
             assert reply.model_extra["token_killer"]["steps_validated"] == 6
@@ -95,7 +95,9 @@ def test_a_budget_is_never_overspent_and_the_request_still_answers(client, sim, 
     if stream:
         chunks = list(reply)
         answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+        reasoning = "".join(
+            (c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices
+        )
         usage, extension = chunks[-1].usage, chunks[-1].model_extra["token_killer"]
     else:
         answer = reply.choices[0].message.content

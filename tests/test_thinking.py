@@ -162,7 +162,9 @@ async def test_live_tokens_stream_each_step_as_the_thinker_writes_it(http_sessio
     _, events = await rig.run()
 
     for index in (0, 1):
-        kinds = [e for _, e in events if getattr(e, "index", None) == index and isinstance(e, (ThinkingTokens, StepWritten))]
+        kinds = [
+            e for _, e in events if getattr(e, "index", None) == index and isinstance(e, (ThinkingTokens, StepWritten))
+        ]
         tokens = [e.text for e in kinds if isinstance(e, ThinkingTokens)]
         assert "".join(tokens) == STEP_TEXT + " [CONTINUE]" and len(tokens) == 7
         assert isinstance(kinds[-1], StepWritten) and kinds[-1].text == STEP_TEXT  # the step after its tokens
@@ -218,9 +220,7 @@ def refute_first_step(upstream, latency=None):
     upstream.add_rule(Rule(model="sim-voter", reply="VOTE: COUNTEREXAMPLE", times=1))
 
 
-async def test_a_failed_step_cancels_the_speculation_and_is_revised_with_the_counterexamples(
-    http_session, upstream
-):
+async def test_a_failed_step_cancels_the_speculation_and_is_revised_with_the_counterexamples(http_session, upstream):
     refute_first_step(upstream)
     upstream.add_rule(Rule(model="sim-thinker", contains="Write step 2", latency=5.0, times=1))
     rig = Rig(http_session, upstream)
@@ -249,9 +249,7 @@ async def test_a_failed_step_cancels_the_speculation_and_is_revised_with_the_cou
     assert usage.roles["thinker"].aborted_calls == 1
 
 
-async def test_a_speculative_step_already_written_is_dropped_and_its_validation_still_counted(
-    http_session, upstream
-):
+async def test_a_speculative_step_already_written_is_dropped_and_its_validation_still_counted(http_session, upstream):
     refute_first_step(upstream, latency=0.3)  # step 2 is written and checked while step 1 is
     rig = Rig(http_session, upstream)
 
@@ -359,7 +357,7 @@ async def test_the_pipeline_fuses_any_number_of_threads(http_session, upstream, 
     events = await collect_run(run)
 
     deltas = [e for e in events if isinstance(e, FusionDelta)]
-    assert events[-len(deltas):] == deltas  # thinking first, then the answer
+    assert events[-len(deltas) :] == deltas  # thinking first, then the answer
     assert "".join(d.text for d in deltas) == "The fused final answer is 42."
     [fuser_call] = calls(upstream, "sim-fuser")
     assert f"Thread {num_threads}:" in fuser_call.messages[-1]["content"]

@@ -80,9 +80,7 @@ def _final(outcomes, voters, threshold):
     return decide(votes.count(Vote.STEP), votes.count(Vote.COUNTEREXAMPLE), len(votes), voters, threshold)
 
 
-@pytest.mark.parametrize(
-    ("voters", "threshold"), [(v, t) for v in range(1, 5) for t in range(1, v + 1)]
-)
+@pytest.mark.parametrize(("voters", "threshold"), [(v, t) for v in range(1, 5) for t in range(1, v + 1)])
 def test_a_settled_verdict_is_exactly_the_one_every_voter_would_have_given(voters, threshold):
     """Every combination of outcomes, every point at which staged voting could stop: settled
     means every continuation gives that verdict, and open means some continuations differ."""
@@ -90,8 +88,7 @@ def test_a_settled_verdict_is_exactly_the_one_every_voter_would_have_given(voter
         for prefix in itertools.product(OUTCOMES, repeat=asked):
             votes = [o for o in prefix if o is not None]
             finals = {
-                _final(prefix + rest, voters, threshold)
-                for rest in itertools.product(OUTCOMES, repeat=voters - asked)
+                _final(prefix + rest, voters, threshold) for rest in itertools.product(OUTCOMES, repeat=voters - asked)
             }
             settled = verdict_if_settled(votes, asked, voters, threshold)
             expected = finals.pop() if len(finals) == 1 else None
@@ -160,7 +157,9 @@ async def test_n_sampling_gives_the_verdicts_of_separate_calls_for_fewer_prompt_
 
     (one, one_calls, one_prompt), (separate, separate_calls, separate_prompt) = results[True], results[False]
     assert (one.status, sorted(one.votes), one.counterexamples) == (
-        separate.status, sorted(separate.votes), separate.counterexamples
+        separate.status,
+        sorted(separate.votes),
+        separate.counterexamples,
     )
     assert one.status is FAILED
     assert (one_calls, separate_calls) == (2, 6)
@@ -204,9 +203,7 @@ async def test_n_sampling_falls_back_to_separate_calls_when_the_upstream_returns
         (["no idea", "no idea", "VOTE: STEP"], FAILED, 3),
     ],
 )
-async def test_staged_voting_gives_the_verdict_of_all_voters_asking_fewer(
-    http_session, upstream, votes, status, asked
-):
+async def test_staged_voting_gives_the_verdict_of_all_voters_asking_fewer(http_session, upstream, votes, status, asked):
     verdicts = {}
     for staged in (True, False):
         upstream.reset()

@@ -39,7 +39,7 @@ def load_app_config(path: Path) -> dict[str, Any]:
 
 
 def api_root(base_url: str) -> str:
-    """"http://h:1/", "http://h:1/v1" -> "http://h:1" (the service's root, /v1 left off)."""
+    """ "http://h:1/", "http://h:1/v1" -> "http://h:1" (the service's root, /v1 left off)."""
     return base_url.rstrip("/").removesuffix("/v1")
 
 
@@ -51,8 +51,14 @@ def with_service_port(url: str, service_port: int | None) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.hostname}:{service_port}"))
 
 
-def direct_arm(app_config: dict[str, Any], service_port: int | None, *, base_url: str | None = None,
-               model: str | None = None, max_tokens: int | None = None) -> Arm:
+def direct_arm(
+    app_config: dict[str, Any],
+    service_port: int | None,
+    *,
+    base_url: str | None = None,
+    model: str | None = None,
+    max_tokens: int | None = None,
+) -> Arm:
     """One call to `models.thinker`, the model every thread thinks with.
 
     Its answer budget (unless `max_tokens` is given) is what one thread may write: the thinker's
@@ -81,7 +87,9 @@ def upstream_key(env_name: str | None, required: bool = True) -> str:
     """The key named by `api_key_env`, from the environment or a `.env` file (as the service reads it)."""
     if not env_name:
         return "unused"
-    value = os.environ.get(env_name) or _dotenv(Path.cwd() / ".env").get(env_name) or _dotenv(ROOT / ".env").get(env_name)
+    value = (
+        os.environ.get(env_name) or _dotenv(Path.cwd() / ".env").get(env_name) or _dotenv(ROOT / ".env").get(env_name)
+    )
     if not value and not required:
         return "unused"
     if not value:
@@ -92,7 +100,11 @@ def upstream_key(env_name: str | None, required: bool = True) -> str:
 def _dotenv(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.lstrip().startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    )
     return {k.strip().removeprefix("export ").strip(): v.strip().strip("'\"") for k, v in pairs}
 
 

@@ -38,9 +38,19 @@ async def ask_arm(arm: Arm, problems: list[Problem], concurrency: int, progress:
 
 async def ask_one(client: openai.AsyncOpenAI, arm: Arm, problem: Problem) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "arm": arm.name, "problem_id": problem.id, "kind": problem.kind, "level": problem.level,
-        "expected": problem.answer, "extracted": None, "correct": False, "reply": None, "error": None,
-        "prompt_tokens": None, "completion_tokens": None, "total_tokens": None, "cost_usd": None,
+        "arm": arm.name,
+        "problem_id": problem.id,
+        "kind": problem.kind,
+        "level": problem.level,
+        "expected": problem.answer,
+        "extracted": None,
+        "correct": False,
+        "reply": None,
+        "error": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "total_tokens": None,
+        "cost_usd": None,
     }
     started = time.monotonic()
     try:
@@ -59,8 +69,11 @@ async def ask_one(client: openai.AsyncOpenAI, arm: Arm, problem: Problem) -> dic
     record["correct"] = is_correct(problem, record["extracted"])
     usage = response.usage
     if usage is not None:
-        record.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                      total_tokens=usage.total_tokens)
+        record.update(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+        )
     if arm.kind == DIRECT:
         record["cost_usd"] = direct_cost_usd(usage, arm.price)
     else:
@@ -88,7 +101,9 @@ def _service_facts(extension: dict[str, Any] | None) -> dict[str, Any] | None:
     return {
         "calls": sum(r.get("calls", 0) for r in by_role.values()),
         "calls_by_role": {role: r.get("calls", 0) for role, r in by_role.items()},
-        **{k: extension.get(k) for k in ("threads_kept", "steps_validated", "steps_failed", "steps_revised",
-                                         "fusion_fallback_thread")},
+        **{
+            k: extension.get(k)
+            for k in ("threads_kept", "steps_validated", "steps_failed", "steps_revised", "fusion_fallback_thread")
+        },
         "cost": extension.get("cost"),
     }

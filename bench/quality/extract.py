@@ -26,10 +26,34 @@ _NUMBER = re.compile(
 _SIGN_CONTEXT = re.compile(r"(?:^|[\s(=:\[])$")  # a minus sign is one only after these
 
 _UNITS_WORDS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
-    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
-    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30,
-    "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90,
+    "zero": 0,
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "eleven": 11,
+    "twelve": 12,
+    "thirteen": 13,
+    "fourteen": 14,
+    "fifteen": 15,
+    "sixteen": 16,
+    "seventeen": 17,
+    "eighteen": 18,
+    "nineteen": 19,
+    "twenty": 20,
+    "thirty": 30,
+    "forty": 40,
+    "fifty": 50,
+    "sixty": 60,
+    "seventy": 70,
+    "eighty": 80,
+    "ninety": 90,
 }
 _SCALES = {"hundred": 100, "thousand": 1000}
 _NUMBER_WORD = "(?:" + "|".join(sorted([*_UNITS_WORDS, *_SCALES], key=len, reverse=True)) + r")\b"
@@ -59,7 +83,7 @@ def extract_answer(reply: str | None, compare: str, candidates: tuple[str, ...] 
 
 
 def _answer_segment(segment: str, compare: str, candidates: tuple[str, ...]) -> str | None:
-    """"ANSWER: 12 + 30 = 42" states its result after the last "="; else its first value counts."""
+    """ "ANSWER: 12 + 30 = 42" states its result after the last "="; else its first value counts."""
     if "=" in segment:
         value = _find(segment.rsplit("=", 1)[1], compare, candidates, first=True)
         if value is not None:
@@ -99,14 +123,15 @@ def _number(text: str, first: bool) -> str | None:
     if match is not None:
         value = float(re.sub(r"[,\u00a0\u202f\u2009]", "", match["digits"]))
         return format_number(-value if match["sign"] else value)
-    words = [m for m in _WORD_NUMBER.finditer(text)
-             if not (m[0].lower() == "one" and _PRONOUN_ONE.search(text[: m.start()]))]
+    words = [
+        m for m in _WORD_NUMBER.finditer(text) if not (m[0].lower() == "one" and _PRONOUN_ONE.search(text[: m.start()]))
+    ]
     match = _pick(words, first)
     return None if match is None else format_number(words_to_number(match[0]))
 
 
 def words_to_number(words: str) -> int:
-    """"forty-two" -> 42, "one hundred and five" -> 105, "two thousand three hundred" -> 2300."""
+    """ "forty-two" -> 42, "one hundred and five" -> 105, "two thousand three hundred" -> 2300."""
     total = current = 0
     for word in re.split(r"[\s-]+", words.lower()):
         if word in _UNITS_WORDS:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 KINDS = ("arithmetic", "units", "ordering", "truth", "counting")
 LEVELS = (1, 2, 3)
@@ -137,18 +138,31 @@ def _arithmetic(rng: random.Random, level: int) -> dict[str, Any]:
 
 # (from unit, to unit, factor): value_in_to = value_in_from * factor
 _METRIC = (
-    ("kilometres", "metres", 1000), ("metres", "centimetres", 100), ("centimetres", "millimetres", 10),
-    ("kilograms", "grams", 1000), ("litres", "millilitres", 1000), ("hours", "minutes", 60),
-    ("minutes", "seconds", 60), ("metres", "kilometres", 0.001), ("grams", "kilograms", 0.001),
+    ("kilometres", "metres", 1000),
+    ("metres", "centimetres", 100),
+    ("centimetres", "millimetres", 10),
+    ("kilograms", "grams", 1000),
+    ("litres", "millilitres", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("metres", "kilometres", 0.001),
+    ("grams", "kilograms", 0.001),
 )
 _IMPERIAL = (
-    ("miles", "kilometres", 1.609344), ("kilometres", "miles", 1 / 1.609344), ("inches", "centimetres", 2.54),
-    ("feet", "metres", 0.3048), ("pounds", "kilograms", 0.45359237), ("kilograms", "pounds", 1 / 0.45359237),
-    ("ounces", "grams", 28.349523125), ("US gallons", "litres", 3.785411784),
+    ("miles", "kilometres", 1.609344),
+    ("kilometres", "miles", 1 / 1.609344),
+    ("inches", "centimetres", 2.54),
+    ("feet", "metres", 0.3048),
+    ("pounds", "kilograms", 0.45359237),
+    ("kilograms", "pounds", 1 / 0.45359237),
+    ("ounces", "grams", 28.349523125),
+    ("US gallons", "litres", 3.785411784),
 )
 _COMPOUND = (
-    ("kilometres per hour", "metres per second", 1 / 3.6), ("metres per second", "kilometres per hour", 3.6),
-    ("miles per hour", "metres per second", 0.44704), ("square metres", "square centimetres", 10000),
+    ("kilometres per hour", "metres per second", 1 / 3.6),
+    ("metres per second", "kilometres per hour", 3.6),
+    ("miles per hour", "metres per second", 0.44704),
+    ("square metres", "square centimetres", 10000),
 )
 
 
@@ -157,31 +171,48 @@ def _units(rng: random.Random, level: int) -> dict[str, Any]:
         source, target, factor = rng.choice(_METRIC)
         value = rng.choice((rng.randint(2, 50), rng.randint(11, 99) / 10))
         exact = value * factor
-        return _conversion(f"Convert {format_number(value)} {source} to {target}.", exact, 1e-6 * max(1.0, abs(exact)),
-                           {"value": value, "from": source, "to": target})
+        return _conversion(
+            f"Convert {format_number(value)} {source} to {target}.",
+            exact,
+            1e-6 * max(1.0, abs(exact)),
+            {"value": value, "from": source, "to": target},
+        )
     if level == 2:
         source, target, factor = rng.choice(_IMPERIAL)
         value = rng.choice((rng.randint(2, 200), rng.randint(11, 999) / 10))
-        return _rounded(f"Convert {format_number(value)} {source} to {target}.", value * factor,
-                        {"value": value, "from": source, "to": target})
+        return _rounded(
+            f"Convert {format_number(value)} {source} to {target}.",
+            value * factor,
+            {"value": value, "from": source, "to": target},
+        )
     shape = rng.choice(("compound", "temperature", "duration"))
     if shape == "compound":
         source, target, factor = rng.choice(_COMPOUND)
         value = rng.randint(3, 150)
-        return _rounded(f"Convert {value} {source} to {target}.", value * factor,
-                        {"value": value, "from": source, "to": target})
+        return _rounded(
+            f"Convert {value} {source} to {target}.", value * factor, {"value": value, "from": source, "to": target}
+        )
     if shape == "temperature":
         if rng.random() < 0.5:
             value = rng.randint(-4, 212)
-            return _rounded(f"Convert {value} degrees Fahrenheit to degrees Celsius.", (value - 32) * 5 / 9,
-                            {"value": value, "from": "degrees Fahrenheit", "to": "degrees Celsius"})
+            return _rounded(
+                f"Convert {value} degrees Fahrenheit to degrees Celsius.",
+                (value - 32) * 5 / 9,
+                {"value": value, "from": "degrees Fahrenheit", "to": "degrees Celsius"},
+            )
         value = rng.randint(-20, 100)
-        return _rounded(f"Convert {value} degrees Celsius to degrees Fahrenheit.", value * 9 / 5 + 32,
-                        {"value": value, "from": "degrees Celsius", "to": "degrees Fahrenheit"})
+        return _rounded(
+            f"Convert {value} degrees Celsius to degrees Fahrenheit.",
+            value * 9 / 5 + 32,
+            {"value": value, "from": "degrees Celsius", "to": "degrees Fahrenheit"},
+        )
     hours, minutes, seconds = rng.randint(1, 9), rng.randint(1, 59), rng.randint(1, 59)
-    return _conversion(f"Convert {hours} hours, {minutes} minutes and {seconds} seconds to seconds.",
-                       hours * 3600 + minutes * 60 + seconds, 1e-6,
-                       {"hours": hours, "minutes": minutes, "seconds": seconds, "to": "seconds"})
+    return _conversion(
+        f"Convert {hours} hours, {minutes} minutes and {seconds} seconds to seconds.",
+        hours * 3600 + minutes * 60 + seconds,
+        1e-6,
+        {"hours": hours, "minutes": minutes, "seconds": seconds, "to": "seconds"},
+    )
 
 
 def _rounded(body: str, exact: float, params: dict[str, Any]) -> dict[str, Any]:
@@ -190,8 +221,13 @@ def _rounded(body: str, exact: float, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _conversion(body: str, answer: float, tolerance: float, params: dict[str, Any]) -> dict[str, Any]:
-    return {"question": _ask(body, NUMBER), "answer": format_number(answer), "compare": NUMBER,
-            "tolerance": tolerance, "params": params}
+    return {
+        "question": _ask(body, NUMBER),
+        "answer": format_number(answer),
+        "compare": NUMBER,
+        "tolerance": tolerance,
+        "params": params,
+    }
 
 
 # --- ordering: who is tallest, from pairwise comparisons -----------------------------------------
@@ -217,8 +253,10 @@ def _ordering(rng: random.Random, level: int) -> dict[str, Any]:
     pairs = [(i, i + 1) for i in range(people - 1)]
     pairs += rng.sample([(i, j) for i, j in itertools.combinations(range(people), 2) if j - i >= 2], extra)
     rng.shuffle(pairs)
-    clues = [f"{order[i]} is {more} than {order[j]}." if rng.random() < 0.5 else f"{order[j]} is {less} than {order[i]}."
-             for i, j in pairs]
+    clues = [
+        f"{order[i]} is {more} than {order[j]}." if rng.random() < 0.5 else f"{order[j]} is {less} than {order[i]}."
+        for i, j in pairs
+    ]
     rank, from_top = rng.choice(ranks), rng.random() < 0.5
     answer = order[rank - 1] if from_top else order[-rank]
     question = f"{' '.join(clues)} Who is the {_ORDINALS[rank - 1]}{most if from_top else least}?"
@@ -271,31 +309,64 @@ def _truth(rng: random.Random, level: int) -> dict[str, Any]:
     expr = [rng.choice(operators), atoms[0], atoms[1]]
     if level > 1:
         inner = _maybe_not(rng, expr, 0.25)
-        expr = [rng.choice(operators), inner, atoms[2]] if rng.random() < 0.5 else [rng.choice(operators), atoms[2], inner]
+        expr = (
+            [rng.choice(operators), inner, atoms[2]] if rng.random() < 0.5 else [rng.choice(operators), atoms[2], inner]
+        )
     statement = render(expr)
     if level < 3:
         values = {name: rng.random() < 0.5 for name in names}
         facts = [f"{name} is {'true' if values[name] else 'false'}" for name in names]
         given = f"{', '.join(facts[:-1])} and {facts[-1]}"
-        body = f"Suppose {given}. Is the statement \"{statement}\" true? Answer yes or no."
-        return {"question": _ask(body, YES_NO), "answer": "yes" if evaluate(expr, values) else "no",
-                "compare": YES_NO, "params": {"expr": expr, "values": values}}
-    rows = [dict(zip(names, bits)) for bits in itertools.product((True, False), repeat=len(names))]
+        body = f'Suppose {given}. Is the statement "{statement}" true? Answer yes or no.'
+        return {
+            "question": _ask(body, YES_NO),
+            "answer": "yes" if evaluate(expr, values) else "no",
+            "compare": YES_NO,
+            "params": {"expr": expr, "values": values},
+        }
+    rows = [dict(zip(names, bits, strict=True)) for bits in itertools.product((True, False), repeat=len(names))]
     true_rows = sum(evaluate(expr, row) for row in rows)
-    body = (f"Consider the statement \"{statement}\" over every combination of true and false values of "
-            f"{', '.join(names[:-1])} and {names[-1]} ({len(rows)} rows of its truth table). "
-            f"In how many rows is the statement true?")
-    return {"question": _ask(body, NUMBER), "answer": str(true_rows), "compare": NUMBER,
-            "params": {"expr": expr, "variables": names}}
+    body = (
+        f'Consider the statement "{statement}" over every combination of true and false values of '
+        f"{', '.join(names[:-1])} and {names[-1]} ({len(rows)} rows of its truth table). "
+        f"In how many rows is the statement true?"
+    )
+    return {
+        "question": _ask(body, NUMBER),
+        "answer": str(true_rows),
+        "compare": NUMBER,
+        "params": {"expr": expr, "variables": names},
+    }
 
 
 # --- counting: letters in a word, an item in a list, letters in a phrase -------------------------
 
 
 _WORDS = (
-    "strawberry", "banana", "mississippi", "bookkeeper", "committee", "assessment", "parallel", "raspberry",
-    "successful", "tomorrow", "engineering", "necessary", "possession", "occurrence", "millennium",
-    "referee", "balloon", "coffee", "letter", "address", "butterfly", "pepper", "grammar", "cinnamon",
+    "strawberry",
+    "banana",
+    "mississippi",
+    "bookkeeper",
+    "committee",
+    "assessment",
+    "parallel",
+    "raspberry",
+    "successful",
+    "tomorrow",
+    "engineering",
+    "necessary",
+    "possession",
+    "occurrence",
+    "millennium",
+    "referee",
+    "balloon",
+    "coffee",
+    "letter",
+    "address",
+    "butterfly",
+    "pepper",
+    "grammar",
+    "cinnamon",
 )
 _LIST_ITEMS = ("apple", "pear", "plum", "fig", "kiwi", "lime", "peach", "grape")
 
@@ -304,17 +375,17 @@ def _counting(rng: random.Random, level: int) -> dict[str, Any]:
     if level == 1:
         word = rng.choice(_WORDS)
         letter = rng.choice(sorted(set(word)))
-        body = f"How many times does the letter \"{letter}\" appear in the word \"{word}\"?"
+        body = f'How many times does the letter "{letter}" appear in the word "{word}"?'
         return _count(body, word.count(letter), {"letter": letter, "text": word})
     if level == 2:
         vocabulary = rng.sample(_LIST_ITEMS, 5)
         items = [rng.choice(vocabulary) for _ in range(rng.randint(8, 12))]
         target = rng.choice(items)
-        body = f"How many times does \"{target}\" appear in this list: {', '.join(items)}?"
+        body = f'How many times does "{target}" appear in this list: {", ".join(items)}?'
         return _count(body, items.count(target), {"item": target, "items": items})
     phrase = " ".join(rng.sample(_WORDS, rng.randint(3, 5)))
     letter = rng.choice(sorted(c for c in set(phrase) if c != " " and phrase.count(c) >= 2))
-    body = f"How many times does the letter \"{letter}\" appear in the text \"{phrase}\"?"
+    body = f'How many times does the letter "{letter}" appear in the text "{phrase}"?'
     return _count(body, phrase.count(letter), {"letter": letter, "text": phrase})
 
 

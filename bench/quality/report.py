@@ -43,7 +43,7 @@ def _pct(x: float | None) -> str:
 def _num(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "–"
-    return f"{x:.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
+    return f"{x:.0f}" if abs(x) >= 10**digits else f"{x:.{digits}g}"
 
 
 def _usd(x: float | None) -> str:
@@ -56,32 +56,57 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def heading(results: dict[str, Any]) -> str:
     o = results["options"]
-    return (f"## Quality: accuracy against spend ({results['started'][:10]}, {results['thinker_model']}, "
-            f"n={o['n']}, seed={o['seed']})")
+    return (
+        f"## Quality: accuracy against spend ({results['started'][:10]}, {results['thinker_model']}, "
+        f"n={o['n']}, seed={o['seed']})"
+    )
 
 
 def summary_table(results: dict[str, Any]) -> list[str]:
     levels = [str(level) for level in results["options"]["levels"]]
-    header = ["arm", "accuracy", "95% CI", *(f"level {lv}" for lv in levels), "prompt tok", "completion tok",
-              "total tok", "cost / problem", "p50 s", "errors", "no answer", "accuracy / 1k tok"]
+    header = [
+        "arm",
+        "accuracy",
+        "95% CI",
+        *(f"level {lv}" for lv in levels),
+        "prompt tok",
+        "completion tok",
+        "total tok",
+        "cost / problem",
+        "p50 s",
+        "errors",
+        "no answer",
+        "accuracy / 1k tok",
+    ]
     rows = []
     for arm in results["arms"]:
         s = results["summaries"][arm["name"]]
         low, high = s["ci95"]
-        rows.append([
-            f"`{arm['name']}`", f"{_pct(s['accuracy'])} ({s['correct']}/{s['n']})", f"{_pct(low)}–{_pct(high)}",
-            *(_level_cell(s["by_level"].get(lv)) for lv in levels),
-            _num(s["mean_prompt_tokens"]), _num(s["mean_completion_tokens"]), _num(s["mean_total_tokens"]),
-            _usd(s["mean_cost_usd"]), _num(s["p50_latency_s"]), str(s["errors"]), str(s["no_answer_found"]),
-            _num(s["accuracy_per_1k_tokens"]),
-        ])
+        rows.append(
+            [
+                f"`{arm['name']}`",
+                f"{_pct(s['accuracy'])} ({s['correct']}/{s['n']})",
+                f"{_pct(low)}–{_pct(high)}",
+                *(_level_cell(s["by_level"].get(lv)) for lv in levels),
+                _num(s["mean_prompt_tokens"]),
+                _num(s["mean_completion_tokens"]),
+                _num(s["mean_total_tokens"]),
+                _usd(s["mean_cost_usd"]),
+                _num(s["p50_latency_s"]),
+                str(s["errors"]),
+                str(s["no_answer_found"]),
+                _num(s["accuracy_per_1k_tokens"]),
+            ]
+        )
     return _table(header, rows)
 
 
 def kind_table(results: dict[str, Any]) -> list[str]:
     kinds = list(dict.fromkeys(p["kind"] for p in results["problems"]))
-    rows = [[f"`{arm['name']}`", *(_level_cell(results["summaries"][arm["name"]]["by_kind"].get(k)) for k in kinds)]
-            for arm in results["arms"]]
+    rows = [
+        [f"`{arm['name']}`", *(_level_cell(results["summaries"][arm["name"]]["by_kind"].get(k)) for k in kinds)]
+        for arm in results["arms"]
+    ]
     return _table(["arm", *kinds], rows)
 
 
@@ -118,8 +143,10 @@ def _commit_prose(machine: dict[str, Any]) -> str:
 
 def _service_prose(svc: dict[str, Any]) -> str:
     if svc["started_by_harness"]:
-        return (f"started by the harness: `serve run` of `serve_config.yaml` (HTTP port changed to {svc['port']}, "
-                f"RAY_ADDRESS=local), the app config below with its local roles pointed at that port.")
+        return (
+            f"started by the harness: `serve run` of `serve_config.yaml` (HTTP port changed to {svc['port']}, "
+            f"RAY_ADDRESS=local), the app config below with its local roles pointed at that port."
+        )
     return f"already running at {svc['root']} (`--base-url`); the app config below describes its direct arm."
 
 
@@ -130,13 +157,17 @@ def config_prose(config: dict[str, Any]) -> str:
     def value(section: dict[str, Any], key: str) -> str:
         return str(section[key]) if key in section else "(built-in default)"
 
-    parts = [f"thinker `{thinker.get('model', '?')}` at {thinker.get('base_url', '?')}",
-             f"threads {value(t, 'num_threads')}, steps at most {value(t, 'max_steps')}"]
+    parts = [
+        f"thinker `{thinker.get('model', '?')}` at {thinker.get('base_url', '?')}",
+        f"threads {value(t, 'num_threads')}, steps at most {value(t, 'max_steps')}",
+    ]
     if v.get("enabled") is False:
         parts.append("validation off")
     else:
-        parts.append(f"counterexamples {value(v, 'num_counterexamples')} and voters {value(v, 'num_voters')} "
-                     f"per step, {value(v, 'pass_threshold')} to pass, on fail {value(v, 'on_fail')}")
+        parts.append(
+            f"counterexamples {value(v, 'num_counterexamples')} and voters {value(v, 'num_voters')} "
+            f"per step, {value(v, 'pass_threshold')} to pass, on fail {value(v, 'on_fail')}"
+        )
     parts.append(f"context {value(c, 'strategy')}, fusion {value(f, 'strategy')}")
     priced = sorted(role for role, model in (config.get("models") or {}).items() if (model or {}).get("price"))
     parts.append(f"prices for {', '.join(priced)}" if priced else "no prices configured")
@@ -147,23 +178,33 @@ def arms_prose(arms: list[dict[str, Any]], listed: list[str] | None) -> str:
     parts = []
     for arm in arms:
         if arm["kind"] == "direct":
-            parts.append(f"`{arm['name']}`: one call to the thinker model at {arm['base_url']} "
-                         f"(max_tokens {arm['max_tokens']}, temperature {arm['temperature']})")
+            parts.append(
+                f"`{arm['name']}`: one call to the thinker model at {arm['base_url']} "
+                f"(max_tokens {arm['max_tokens']}, temperature {arm['temperature']})"
+            )
         else:
             parts.append(f"`{arm['name']}`: the service, model `{arm['model']}`")
-    source = (f"; `GET /v1/models` listed {', '.join(f'`{m}`' for m in listed)}" if listed is not None
-              else " (chosen with `--model`)")
+    source = (
+        f"; `GET /v1/models` listed {', '.join(f'`{m}`' for m in listed)}"
+        if listed is not None
+        else " (chosen with `--model`)"
+    )
     return "; ".join(parts) + source + "."
 
 
 def markdown(results: dict[str, Any]) -> str:
     plot = results.get("plot_path")
     lines = [
-        heading(results), "",
-        *setup_prose(results), "",
-        *summary_table(results), "",
-        "Correct answers by kind:", "",
-        *kind_table(results), "",
+        heading(results),
+        "",
+        *setup_prose(results),
+        "",
+        *summary_table(results),
+        "",
+        "Correct answers by kind:",
+        "",
+        *kind_table(results),
+        "",
         "Accuracy counts failed requests as wrong; tokens (from each response's `usage`), cost and latency are "
         "over answered problems; `no answer`: replies from which no answer could be read; cost `–`: no prices "
         "configured; accuracy / 1k tok = accuracy ÷ (mean total tokens ÷ 1,000). The 95% interval is Wilson's.",
@@ -193,8 +234,14 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for name, s in points:
         acc, (low, high) = 100 * s["accuracy"], s["ci95"]
-        ax.errorbar(s["mean_total_tokens"], acc, yerr=[[max(0.0, acc - 100 * low)], [max(0.0, 100 * high - acc)]], fmt="o", capsize=5,
-                    label=f"{name} ({s['correct']}/{s['n']})")
+        ax.errorbar(
+            s["mean_total_tokens"],
+            acc,
+            yerr=[[max(0.0, acc - 100 * low)], [max(0.0, 100 * high - acc)]],
+            fmt="o",
+            capsize=5,
+            label=f"{name} ({s['correct']}/{s['n']})",
+        )
         ax.annotate(name, (s["mean_total_tokens"], acc), textcoords="offset points", xytext=(7, 5), fontsize=8)
     tokens = [s["mean_total_tokens"] for _, s in points]
     if tokens and max(tokens) > 20 * min(tokens):
@@ -204,8 +251,11 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("mean tokens per problem (prompt + completion, every upstream call)")
     ax.set_ylabel("accuracy, % (95% Wilson interval)")
     o = results["options"]
-    ax.set_title(f"Accuracy against spend: {results['thinker_model']}, n={o['n']}, seed={o['seed']}, "
-                 f"levels {','.join(map(str, o['levels']))}", fontsize=10)
+    ax.set_title(
+        f"Accuracy against spend: {results['thinker_model']}, n={o['n']}, seed={o['seed']}, "
+        f"levels {','.join(map(str, o['levels']))}",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     if points:
         ax.legend(fontsize=8, loc="best")

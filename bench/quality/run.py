@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,24 +48,40 @@ def log(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", help="a running service (e.g. http://127.0.0.1:8000); without it, "
-                                      "the harness runs `serve run serve_config.yaml` on a free port")
-    p.add_argument("--model", action="append", help="service profile(s) to ask (repeat or comma-separate); "
-                                                    "default: every id GET /v1/models lists")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--base-url",
+        help="a running service (e.g. http://127.0.0.1:8000); without it, "
+        "the harness runs `serve run serve_config.yaml` on a free port",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        help="service profile(s) to ask (repeat or comma-separate); default: every id GET /v1/models lists",
+    )
     p.add_argument("--n", type=int, default=30, help="problems (default 30)")
     p.add_argument("--seed", type=int, default=0, help="problem seed (default 0)")
     p.add_argument("--concurrency", type=int, default=4, help="requests at once per arm (default 4)")
     p.add_argument("--levels", default="1,2,3", help="difficulty levels, comma-separated (default 1,2,3)")
-    p.add_argument("--config", type=Path, default=Path(os.environ.get("TOKEN_KILLER_CONFIG", "configs/default.yaml")),
-                   help="the service's app config (default: $TOKEN_KILLER_CONFIG, else configs/default.yaml)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("TOKEN_KILLER_CONFIG", "configs/default.yaml")),
+        help="the service's app config (default: $TOKEN_KILLER_CONFIG, else configs/default.yaml)",
+    )
     p.add_argument("--direct-base-url", help="the direct arm's base URL (default: models.thinker.base_url)")
     p.add_argument("--direct-model", help="the direct arm's model (default: models.thinker.model)")
-    p.add_argument("--direct-max-tokens", type=int,
-                   help="the direct arm's max_tokens (default: thinker max_tokens × thinking.max_steps)")
+    p.add_argument(
+        "--direct-max-tokens",
+        type=int,
+        help="the direct arm's max_tokens (default: thinker max_tokens × thinking.max_steps)",
+    )
     p.add_argument("--no-append", action="store_true", help="do not append a section to BENCHMARKS.md")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {report.shown_path(DEFAULT_OUT)})")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {report.shown_path(DEFAULT_OUT)})"
+    )
     args = p.parse_args(argv)
     try:
         args.levels = tuple(int(x) for x in args.levels.split(",") if x.strip())
@@ -85,11 +101,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     problems = generate(args.n, args.seed, args.levels)
     app_config = load_app_config(args.config)
-    direct_options = {"base_url": args.direct_base_url, "model": args.direct_model, "max_tokens": args.direct_max_tokens}
+    direct_options = {
+        "base_url": args.direct_base_url,
+        "model": args.direct_model,
+        "max_tokens": args.direct_max_tokens,
+    }
     direct_arm(app_config, None, **direct_options)  # a missing key or model fails now, before any start-up
     from bench.run import machine_info  # imports Ray: only once the arguments are known to be good
 
-    started, t0 = datetime.now(timezone.utc), time.monotonic()
+    started, t0 = datetime.now(UTC), time.monotonic()
     machine = machine_info()
     own = None
     try:
@@ -102,17 +122,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key = service_key()
         requested = requested_models(args.model)
         listed = None if requested else listed_models(root, key)
-        arms = [direct_arm(app_config, urlsplit(root).port, **direct_options),
-                *service_arms(root, requested or listed, key)]
+        arms = [
+            direct_arm(app_config, urlsplit(root).port, **direct_options),
+            *service_arms(root, requested or listed, key),
+        ]
         records = asyncio.run(_ask_all(arms, problems, args.concurrency))
     finally:
         if own is not None:
             log("stopping the service")
             own.stop()
 
-    results = _results(args, argv, problems, app_config, arms, records, machine, started, time.monotonic() - t0,
-                       {"root": root, "started_by_harness": own is not None, "port": urlsplit(root).port,
-                        "listed_models": listed, "log": report.shown_path(own.log) if own else None})
+    results = _results(
+        args,
+        argv,
+        problems,
+        app_config,
+        arms,
+        records,
+        machine,
+        started,
+        time.monotonic() - t0,
+        {
+            "root": root,
+            "started_by_harness": own is not None,
+            "port": urlsplit(root).port,
+            "listed_models": listed,
+            "log": report.shown_path(own.log) if own else None,
+        },
+    )
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     results["json_path"] = str(args.out / f"{stamp}.json")
     plot_path = args.out / report.PLOT_NAME
@@ -142,9 +179,18 @@ async def _ask_all(arms: list[Arm], problems: list[Problem], concurrency: int) -
     return records
 
 
-def _results(args: argparse.Namespace, argv: list[str], problems: list[Problem], app_config: dict[str, Any],
-             arms: list[Arm], records: list[dict[str, Any]], machine: dict[str, Any], started: datetime,
-             wall_s: float, service: dict[str, Any]) -> dict[str, Any]:
+def _results(
+    args: argparse.Namespace,
+    argv: list[str],
+    problems: list[Problem],
+    app_config: dict[str, Any],
+    arms: list[Arm],
+    records: list[dict[str, Any]],
+    machine: dict[str, Any],
+    started: datetime,
+    wall_s: float,
+    service: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "started": started.isoformat(timespec="seconds"),
         "wall_s": round(wall_s, 1),

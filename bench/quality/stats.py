@@ -29,8 +29,12 @@ def _mean(values: list[float]) -> float | None:
 def accuracy(records: list[dict[str, Any]]) -> dict[str, Any]:
     correct = sum(bool(r["correct"]) for r in records)
     low, high = wilson(correct, len(records))
-    return {"n": len(records), "correct": correct, "accuracy": correct / len(records) if records else None,
-            "ci95": [low, high]}
+    return {
+        "n": len(records),
+        "correct": correct,
+        "accuracy": correct / len(records) if records else None,
+        "ci95": [low, high],
+    }
 
 
 def summarize_arm(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -47,8 +51,9 @@ def summarize_arm(records: list[dict[str, Any]]) -> dict[str, Any]:
     summary["no_answer_found"] = sum(r["extracted"] is None for r in answered)
     tokens = summary["mean_total_tokens"]
     # Accuracy divided by the thousands of tokens a problem costs on average.
-    summary["accuracy_per_1k_tokens"] = (summary["accuracy"] / (tokens / 1000)
-                                         if tokens and summary["accuracy"] is not None else None)
+    summary["accuracy_per_1k_tokens"] = (
+        summary["accuracy"] / (tokens / 1000) if tokens and summary["accuracy"] is not None else None
+    )
     summary["by_level"] = _grouped(records, "level")
     summary["by_kind"] = _grouped(records, "kind")
     return summary
