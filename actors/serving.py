@@ -309,9 +309,7 @@ class ChatServing:
             raise
         return self._sse(prepared, run, reply, first, events)
 
-    async def _sse(
-        self, prepared, run, reply: _Reply, first: list, events: AsyncIterator[list]
-    ) -> AsyncIterator[str]:
+    async def _sse(self, prepared, run, reply: _Reply, first: list, events: AsyncIterator[list]) -> AsyncIterator[str]:
         # One write per batch of events: each write is a message from this replica to the HTTP
         # proxy, so the role chunk goes with the first events and the end in one piece.
         outcome = "cancelled"
