@@ -49,6 +49,7 @@ from bench.service import (
     free_port,
     serve_config,
     start_serve,
+    start_service,
     start_upstream,
     write_yaml,
 )
@@ -283,18 +284,12 @@ class Bench:
 
     def embedded(self) -> None:
         """The shipped serve_config.yaml (with the `local` app) on a free port: one request."""
-        port = free_port()
-        default = (ROOT / "configs" / "default.yaml").read_text().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
-        app_yaml = WORK / "embedded_default.yaml"
-        app_yaml.write_text(default)
-        serve_yaml = write_yaml(WORK / "embedded_serve.yaml", serve_config(port, embedded=True))
         wait_for_quiet_machine(self.args.ignore_pytest)
-        log(f"embedded default: serve run on :{port}")
+        log("embedded default: serve run on a free port")
         started = time.monotonic()
-        proc = start_serve(serve_yaml, app_yaml, port, timeout=300, check_local=True)
+        proc, url, _ = start_service(ROOT / "configs" / "default.yaml", timeout=300)
         try:
             ready = time.monotonic() - started
-            url = f"http://127.0.0.1:{port}"
             runs = [
                 run_load(url, 1, requests=1, stream=stream, model="token-killer")["records"][0]
                 for stream in (False, True)

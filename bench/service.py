@@ -7,17 +7,17 @@ README's config schema for the app side) so the benchmark measures the shipped s
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.support import free_port, shipped_serve_config, sim_config_dict  # noqa: F401  (free_port: bench.run)
+from tests.support import answers_ok, free_port, shipped_serve_config, sim_config_dict  # noqa: F401  (free_port: bench.run)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -93,17 +93,9 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
 # --- processes ---------------------------------------------------------------------------------
 
 
-def _get_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not _get_ok(url):
+    while not answers_ok(url):
         if process.poll() is not None:
             raise RuntimeError(f"{process.args} exited early; end of {log}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
@@ -200,3 +192,33 @@ def start_serve(
         proc.stop()
         raise
     return proc
+
+
+# Roles of the shipped configs reach the embedded model through the service's own port 8000.
+_LOCAL_8000 = re.compile(r"(127\.0\.0\.1|localhost):8000\b")
+
+
+def start_service(app_config_path: Path, timeout: float = 240.0) -> tuple[Proc, str, Path]:
+    """`serve run` of the shipped serve_config.yaml on a free port, with an app config whose
+    roles, where they call the embedded model at :8000, call it at that port instead. Returns
+    the process, the service's root URL and the app config it runs."""
+    port = free_port()
+    text = app_config_path.read_text()
+    # The `local` app (the embedded model) is needed only when some role calls it.
+    embedded = any("/local/" in url for url in _base_urls(yaml.safe_load(text)))
+    app_yaml = WORK / f"app-{port}.yaml"
+    app_yaml.parent.mkdir(parents=True, exist_ok=True)
+    app_yaml.write_text(_LOCAL_8000.sub(lambda m: f"{m[1]}:{port}", text))
+    serve_yaml = write_yaml(WORK / f"serve-{port}.yaml", serve_config(port, embedded=embedded))
+    proc = start_serve(serve_yaml, app_yaml, port, timeout=timeout, check_local=embedded)
+    return proc, f"http://127.0.0.1:{port}", app_yaml
+
+
+def _base_urls(node: Any) -> list[str]:
+    """Every `base_url` of a config, at any depth (roles, fallbacks, profiles)."""
+    if isinstance(node, dict):
+        own = [node["base_url"]] if isinstance(node.get("base_url"), str) else []
+        return own + [url for value in node.values() for url in _base_urls(value)]
+    if isinstance(node, list):
+        return [url for value in node for url in _base_urls(value)]
+    return []

@@ -6,8 +6,11 @@ role with `Rule(model=...)`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +114,20 @@ def error_shape_problem(status: int, body: bytes) -> str | None:
     if set(error) != {"message", "type", "param", "code"} or not error["message"]:
         return f"{status} with error fields {sorted(error)}"
     return None
+
+
+async def until(predicate, timeout: float = 2.0) -> None:
+    """Wait until `predicate()` holds; fail the test if it does not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def answers_ok(url: str) -> bool:
+    """Whether a GET of `url` answers 200 right now (for services still starting)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

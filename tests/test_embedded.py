@@ -4,19 +4,12 @@ Runs the shipped serve_config.yaml and configs/default.yaml unchanged except for
 (a free one, so a service already on 8000 cannot interfere), in a Ray instance of its own.
 """
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
-import yaml
 
-from tests.conftest import free_port
+from bench.service import start_service
 
 pytestmark = pytest.mark.embedded
 
@@ -24,55 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 240
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
-def embedded_service(tmp_path_factory):
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("embedded")
-    serve_config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    serve_config["http_options"]["port"] = port
-    (workdir / "serve_config.yaml").write_text(yaml.safe_dump(serve_config))
-    app_config = (ROOT / "configs" / "default.yaml").read_text().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
-    (workdir / "default.yaml").write_text(app_config)
-
-    env = {
-        **os.environ,
-        "TOKEN_KILLER_CONFIG": str(workdir / "default.yaml"),
-        "RAY_ADDRESS": "local",  # a Ray instance of its own, never the test session's
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    log = open(workdir / "serve.log", "w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "serve"), "run", str(workdir / "serve_config.yaml")],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+def embedded_service():
+    """The README's `serve run serve_config.yaml` with the shipped configs, on a free port (a Ray
+    instance of its own, never the test session's), stopped at the end."""
+    proc, base, _ = start_service(ROOT / "configs" / "default.yaml", timeout=READY_TIMEOUT_S)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not (_ready(f"{base}/v1/models") and _ready(f"{base}/local/v1/models")):
-            assert process.poll() is None, (workdir / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (workdir / "serve.log").read_text()[-3000:]
-            time.sleep(1)
         yield base
     finally:
-        process.send_signal(signal.SIGINT)  # serve run shuts Serve and its Ray instance down
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+        proc.stop()
 
 
 def test_the_embedded_default_answers_non_stream_and_stream(embedded_service):

@@ -1,7 +1,6 @@
 """Fusion: the threads merged into the answer the client reads, or a cheaper way to it when the
 threads agree, the budget is short, the deadline comes or the fuser fails."""
 
-import asyncio
 import json
 import time
 
@@ -21,7 +20,7 @@ from actors.model_client import role_clients
 from actors.prompts import fuser_messages, load_prompts
 from actors.schemas import AnswerSpec, Conversation, FusionDelta, FusionJob, Step, ThreadResult, UsageLedger
 from tests.simulated_upstream import Rule
-from tests.support import sim_config
+from tests.support import sim_config, until
 
 PROMPTS = load_prompts("en")
 FUSED = "The fused final answer is 42."  # the fuser's reply: 6 words
@@ -65,13 +64,6 @@ def fusion_job(settings, threads=THREADS, **fields):
 
 async def fuse_all(fuser, job):
     return [d async for d in fuser.fuse(job)]
-
-
-async def until(predicate, timeout=2.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def fuser_calls(upstream):

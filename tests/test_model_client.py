@@ -21,7 +21,7 @@ from actors.model_client import (
 )
 from actors.schemas import UsageLedger
 from tests.simulated_upstream import Rule
-from tests.support import free_port
+from tests.support import free_port, until
 
 MESSAGES = [{"role": "user", "content": "two words"}]
 THINKER_REPLY = "We reason about the problem carefully. [CONTINUE]"  # 7 words
@@ -35,13 +35,6 @@ def make_client(
         config = config.model_copy(update={"api_key": SecretStr(api_key)})
     retry = UpstreamConfig(max_attempts=attempts, backoff_initial_s=0.01, backoff_max_s=backoff_max_s)
     return ModelClient(session, "thinker", config, retry)
-
-
-async def until(predicate, timeout=2.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # --- complete ------------------------------------------------------------------------------

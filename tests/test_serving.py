@@ -17,7 +17,7 @@ from actors.serving import ChatServing
 from actors.thinking import RequestThinking
 from actors.validation import StepValidator, ValidationBatches
 from tests.simulated_upstream import Rule
-from tests.support import sim_config
+from tests.support import sim_config, until
 
 PROMPTS = load_prompts("en")
 QUESTION = "What is six times seven?"
@@ -104,13 +104,6 @@ def refused(rig, raw=None, **body) -> APIError:
 def chunks(lines):
     """The JSON payloads of SSE lines (comments and [DONE] left out)."""
     return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-
-
-async def until(predicate, timeout=2.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # --- checking a request ----------------------------------------------------------------------

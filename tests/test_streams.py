@@ -6,6 +6,7 @@ import time
 import pytest
 
 from actors.streams import Outbox, batches
+from tests.support import until
 
 
 async def collect(outbox, **kwargs):
@@ -37,7 +38,7 @@ async def test_the_first_item_goes_out_at_once_and_what_arrives_meanwhile_comes_
 
     reader = asyncio.ensure_future(read())
     outbox.put("a")
-    await _until(lambda: seen)
+    await until(lambda: seen)
     assert seen == [["a"]]  # not held back waiting for more
     outbox.put("b")
     outbox.put("c")
@@ -135,10 +136,3 @@ async def test_batches_keepalive():
     assert await anext(iterator) == []
     rest = [batch async for batch in iterator]
     assert rest[-1] == ["late"] and all(batch == [] for batch in rest[:-1])
-
-
-async def _until(predicate, timeout=1.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)

@@ -29,7 +29,7 @@ from actors.schemas import (
 from actors.thinking import RequestThinking
 from actors.validation import StepValidator, ValidationBatches
 from tests.simulated_upstream import Rule
-from tests.support import sim_config
+from tests.support import sim_config, until
 
 PROMPTS = load_prompts("en")
 QUESTION = "What is 6*7?"
@@ -93,13 +93,6 @@ def usage_of(updates):
 
 def calls(upstream, model):
     return [r for r in upstream.records if r.model == model]
-
-
-async def until(predicate, timeout=2.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # --- threads, steps, verdicts ----------------------------------------------------------------

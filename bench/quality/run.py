@@ -34,11 +34,10 @@ from bench.quality.arms import (
     service_key,
 )
 from bench.quality.ask import ask_arm
-from bench.quality.own_service import start_own_service
 from bench.quality.problems import LEVELS, Problem, generate
 from bench.quality.progress import Progress
 from bench.quality.stats import summarize_arm
-from bench.service import ROOT
+from bench.service import ROOT, start_service
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "quality"
 
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             root = api_root(args.base_url)
         else:
             log(f"starting the service: serve run serve_config.yaml, app config {report.shown_path(args.config)}")
-            own, root, _ = start_own_service(args.config)
+            own, root, _ = start_service(args.config)
             log(f"service ready at {root} ({time.monotonic() - t0:.0f} s)")
         key = service_key()
         requested = requested_models(args.model)
