@@ -46,8 +46,9 @@ class LocalCluster:
         self.env = {
             key: value
             for key, value in os.environ.items()
-            # Never join, or deploy to, anybody else's cluster; never load another app config.
-            if key not in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS", "TOKEN_KILLER_CONFIG")
+            # Never join, or deploy to, anybody else's cluster; never load another app config or
+            # require client keys the test does not send.
+            if key not in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS", "TOKEN_KILLER_CONFIG", "TOKEN_KILLER_API_KEYS")
         }
         self.env.update(
             RAY_AUTH_MODE="token",  # head, worker and every CLI call must agree (NOTES.md)

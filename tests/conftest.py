@@ -79,16 +79,26 @@ def serve_http() -> Iterator[str]:
     port = free_port()
     # Secrets reach the replicas as a user's would: from the environment `serve run` starts in
     # (never through runtime_env, which Ray writes to its logs).
+    # Ray's raylet keeps the environment it started with and every replica inherits it; the
+    # test process gets its own back, so services other tests start (embedded, cluster) do not.
+    before = {key: os.environ.get(key) for key in SECRETS}
     os.environ.update(SECRETS)
-    # Replica logs go to the session's files (where tests read them), not to pytest's output.
-    ray.init(
-        address="local",  # always a cluster of our own, never one already running here
-        num_cpus=2,
-        include_dashboard=False,
-        namespace="token-killer-tests",
-        log_to_driver=False,
-        _metrics_export_port=METRICS_PORT,
-    )
+    try:
+        # Replica logs go to the session's files (where tests read them), not to pytest's output.
+        ray.init(
+            address="local",  # always a cluster of our own, never one already running here
+            num_cpus=2,
+            include_dashboard=False,
+            namespace="token-killer-tests",
+            log_to_driver=False,
+            _metrics_export_port=METRICS_PORT,
+        )
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     serve.start(http_options=shipped_serve_config(port)["http_options"])
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
