@@ -9,7 +9,8 @@
     .venv/bin/python -m bench.report bench/results/latest.json BENCHMARKS.md   # re-render only
 
 Scenarios: `levels` (closed-loop load at each concurrency, non-stream then stream, upstream
-latency 0.2 s), `burst` (upstream restarted at 2.0 s latency, N requests fired at once, then
+latency 0.2 s), `faults` (200 requests at concurrency 16, non-stream then stream, on an upstream
+that fails 18% of its calls), `burst` (upstream restarted at 2.0 s latency, N requests fired at once, then
 replicas watched while they scale back down). `--profile` adds a py-spy run of the Ingress,
 Thinker and Validator replicas under concurrency-64 load (a separate phase: py-spy's sampling
 would otherwise disturb the measured levels).
@@ -24,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,6 +58,10 @@ from bench.service import (
 
 LATENCY_S = 0.2
 BURST_LATENCY_S = 2.0
+# Issue 9's fault mix: of all upstream calls, 10% answer 500, 5% 429 (Retry-After 1 s), 2% reset
+# the connection mid-body (plain and streamed calls alike), 1% never answer.
+FAULTS = {"500": 0.10, "429": 0.05, "reset": 0.02, "hang": 0.01}
+FAULT_REQUESTS, FAULT_CONCURRENCY = 200, 16
 
 
 def log(message: str) -> None:
@@ -177,15 +183,7 @@ class Bench:
                 wait_for_quiet_machine(a.ignore_pytest)
                 name = f"c{concurrency}{'-stream' if stream else ''}"
                 load, used = self.phase(name, run_load, self.url, concurrency, stream=stream, duration=a.duration)
-                entry = {
-                    "name": name,
-                    "concurrency": concurrency,
-                    "stream": stream,
-                    "wall_s": load["wall_s"],
-                    "resources": used,
-                    "records": load["records"],
-                }
-                entry["summary"] = report.summarize(entry, self.results["idle_baseline"]["ray_cores_busy"])
+                entry = self._entry(name, load, used)
                 s = entry["summary"]
                 log(
                     f"{name}: {s['requests']} req, p50 {s['p50_s']} s, p90 {s['p90_s']} s, {s['req_per_s']} req/s, "
@@ -242,28 +240,52 @@ class Bench:
             "summary": {d: report.summarize_profile(out / f"{d}.txt") for d in spies},
         }
 
+    def _entry(self, name: str, load: dict, used: dict, **extra) -> dict:
+        """One measured load: its records, the resources it used, and their summary."""
+        entry = {
+            "name": name,
+            "concurrency": load["concurrency"],
+            "stream": load["stream"],
+            "wall_s": load["wall_s"],
+            "resources": used,
+            "records": load["records"],
+            **extra,
+        }
+        entry["summary"] = report.summarize(entry, self.results["idle_baseline"]["ray_cores_busy"])
+        return entry
+
+    def faults(self) -> None:
+        log(f"restarting the simulated upstream with faults {FAULTS}")
+        self._restart_upstream(LATENCY_S, faults=FAULTS)
+        self.results["faults"] = []
+        for stream in (False, True):
+            name = f"faults{'-stream' if stream else ''}"
+            load, used = self.phase(name, run_load, self.url, FAULT_CONCURRENCY, stream=stream, requests=FAULT_REQUESTS)
+            entry = self._entry(name, load, used, fault_rates=FAULTS)
+            s = entry["summary"]
+            log(f"{name}: {s['ok']} of {s['requests']} answered, p50 {s['p50_s']} s, max {s['max_s']} s")
+            self.results["faults"].append(entry)
+        # What the upstream served over both runs: every call and the faults among them.
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.up_port}/stats", timeout=10) as reply:
+            self.results["faults_upstream"] = json.loads(reply.read())
+        self._restart_upstream(LATENCY_S)
+
+    def _restart_upstream(self, latency: float, faults: dict[str, float] | None = None) -> None:
+        self.upstream.stop()
+        self.upstream = start_upstream(self.up_port, latency, scenario=SCENARIO, faults=faults)
+        self.sampler.set_upstream(self.upstream.pid)
+
     def burst(self) -> None:
         a = self.args
         log(f"restarting the simulated upstream with latency {BURST_LATENCY_S} s")
-        self.upstream.stop()
-        self.upstream = start_upstream(self.up_port, BURST_LATENCY_S, scenario=SCENARIO)
-        self.sampler.set_upstream(self.upstream.pid)
+        self._restart_upstream(BURST_LATENCY_S)
         # Start from the minimum replica counts, as a burst on an idle service would (and so the
         # fall after the levels' peak is on record too).
         _, settle = self.phase("settle", self._wait_for_min_replicas, a.settle)
         wait_for_quiet_machine(a.ignore_pytest)
         log(f"burst: {a.burst} requests at once")
         load, used = self.phase("burst", run_load, self.url, a.burst, requests=a.burst)
-        entry = {
-            "name": "burst",
-            "concurrency": a.burst,
-            "stream": False,
-            "wall_s": load["wall_s"],
-            "resources": used,
-            "records": load["records"],
-            "settle": settle,
-        }
-        entry["summary"] = report.summarize(entry, self.results["idle_baseline"]["ray_cores_busy"])
+        entry = self._entry("burst", load, used, settle=settle)
         s = entry["summary"]
         log(
             f"burst: {s['requests']} req, errors {s['errors']}, p50 {s['p50_s']} s, max {s['max_s']} s, "
@@ -338,7 +360,7 @@ def machine_info() -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short dev run (results in bench/results/quick/)")
-    p.add_argument("--scenarios", default="levels,burst", help="comma-separated: levels, burst")
+    p.add_argument("--scenarios", default="levels,faults,burst", help="comma-separated: levels, faults, burst")
     p.add_argument("--levels", default=None, help="concurrency levels (default 1,4,16,64; quick 1,8)")
     p.add_argument("--duration", type=float, default=None, help="seconds per level (default 20; quick 4)")
     p.add_argument("--burst", type=int, default=None, help="requests fired at once (default 1000; quick 200)")
@@ -395,12 +417,14 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_info(),
     }
     try:
-        if {"levels", "burst"} & set(args.scenarios) or args.profile:
+        if {"levels", "faults", "burst"} & set(args.scenarios) or args.profile:
             bench.start()
             if "levels" in args.scenarios:
                 bench.levels()
             if args.profile:
                 bench.profile()
+            if "faults" in args.scenarios:
+                bench.faults()
             if "burst" in args.scenarios:
                 bench.burst()
     finally:

@@ -160,6 +160,7 @@ def start_upstream(
     scenario: str | None = None,
     prefix_cache: bool = False,
     supports_n: bool = True,
+    faults: dict[str, float] | None = None,
 ) -> Proc:
     """The simulated upstream's CLI; `scenario` names role-aware replies (tests/scenarios.py),
     None keeps "Simulated answer." for every call."""
@@ -172,6 +173,8 @@ def start_upstream(
         args.append("--prefix-cache")
     if not supports_n:
         args.append("--no-n")
+    for kind, rate in (faults or {}).items():
+        args += ["--fault", f"{kind}={rate}"]
     proc = Proc(args, WORK / f"upstream-{port}.log")
     _wait_ready(f"http://127.0.0.1:{port}/v1/models", proc.popen, proc.log, 30)
     return proc

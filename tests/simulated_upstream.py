@@ -29,7 +29,7 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -280,6 +280,9 @@ class SimulatedUpstream:
         # Bounded for long benchmark runs; None keeps every record (tests).
         self._records: deque[CallRecord] = deque(maxlen=max_records)
         self._in_flight = 0
+        # Totals over the whole run (records are bounded): GET /stats, for the benchmark.
+        self.calls_total = 0
+        self.faults_total: Counter[str] = Counter()
         self._tasks: set[asyncio.Task] = set()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -293,6 +296,7 @@ class SimulatedUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats)
         # handler_cancellation: a client disconnect cancels the handler, so latency,
         # hangs and streams notice it. access_log=None: no per-request logging cost.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
@@ -386,9 +390,11 @@ class SimulatedUpstream:
     def _pick(self, model: str | None, text: str) -> tuple[Rule | None, str | None]:
         """The matching rule (consuming one use) and a fault, random faults first."""
         with self._lock:
+            self.calls_total += 1
             draw = self._rng.random()
             for fault, rate in self.fault_rates.items():
                 if draw < rate:
+                    self.faults_total[fault] += 1
                     return None, fault
                 draw -= rate
             lower = text.lower()
@@ -426,6 +432,10 @@ class SimulatedUpstream:
     async def _models(self, request: web.Request) -> web.Response:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "simulated"} for m in self.models]
         return _json({"object": "list", "data": data})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        with self._lock:
+            return _json({"calls": self.calls_total, "faults": dict(self.faults_total)})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -712,6 +722,8 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         default_reply=reply,
         supports_n=not args.no_n,
         prefix_cache=args.prefix_cache,
+        fault_rates={kind: float(rate) for kind, _, rate in (f.partition("=") for f in args.fault)},
+        retry_after_s=args.retry_after,
     )
     await upstream.start(args.host, args.port)
     print(f"simulated upstream at {upstream.base_url}", flush=True)
@@ -740,7 +752,18 @@ def main() -> None:
     parser.add_argument("--complete-at", type=int, default=None, help="step at which thinkers answer")
     parser.add_argument("--no-n", action="store_true", help='ignore "n": always one choice')
     parser.add_argument("--prefix-cache", action="store_true", help="report cached prompt tokens")
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND=RATE",
+        help=f"random fault, e.g. 500=0.1 (repeatable; kinds {', '.join(FAULTS)})",
+    )
+    parser.add_argument("--retry-after", type=float, default=1.0, help="Retry-After of a 429 fault, seconds")
     args = parser.parse_args()
+    for fault in args.fault:
+        if fault.partition("=")[0] not in FAULTS:
+            parser.error(f"--fault {fault}: the kind must be one of {', '.join(FAULTS)}")
     # The benchmark runs this beside the service on the same cores: the cheaper loop helps.
     try:
         import uvloop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 
 import aiohttp
 import openai
@@ -729,3 +730,26 @@ def test_cli_scenario_options_via_bench_start_upstream():
     assert again.usage.prompt_tokens_details is not None
     assert plain.choices[0].message.content == "Simulated answer."
     assert proc.popen.returncode == 0
+
+
+def test_cli_faults_and_stats_via_bench_start_upstream():
+    from bench.service import start_upstream
+
+    port = free_port()
+    proc = start_upstream(port, 0.0, faults={"500": 0.5, "429": 0.5})
+    try:
+        statuses = []
+        with openai.OpenAI(api_key="x", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0) as client:
+            for _ in range(20):
+                try:
+                    client.chat.completions.create(model="simulated", messages=MESSAGES)
+                    statuses.append(200)
+                except openai.APIStatusError as error:
+                    statuses.append(error.status_code)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as reply:
+            stats = json.loads(reply.read())
+    finally:
+        proc.stop(grace=10)
+    assert 200 not in statuses  # the two rates add up to every call
+    assert stats == {"calls": 20, "faults": {"500": statuses.count(500), "429": statuses.count(429)}}
+    assert statuses.count(500) and statuses.count(429)
