@@ -145,6 +145,9 @@ def _level(results: dict, concurrency: int, stream: bool) -> dict | None:
     )
 
 
+REPLICA_KINDS = ("Ingress", "Thinker", "Validator", "Fuser")
+
+
 def targets(results: dict) -> list[dict]:
     """Each target with its measured figure, the ratio to the bound, and whether it is met."""
     cfg = results.get("config", {})
@@ -218,12 +221,88 @@ def targets(results: dict) -> list[dict]:
         "GB",
         note=f"PSS (shared pages split): {pss / 1024:.2f} GB" if pss else "",
     )
+    idle_rss = (results.get("idle_baseline") or {}).get("rss_mb_by_category_at_end") or {}
+    after = (burst or {}).get("after") or {}
+    end_rss = after.get("rss_mb_by_category_at_end") or {}
+    ratios = {d: end_rss[d] / idle_rss[d] for d in REPLICA_KINDS if end_rss.get(d) and idle_rss.get(d)}
+    worst = max(ratios, key=ratios.get) if ratios else None
+    row(
+        f"{after.get('wall_s', 60):.0f} s after the burst: every replica's RSS ≤ 1.2 × its idle RSS",
+        1.2,
+        worst and round(ratios[worst], 2),
+        "× idle",
+        note=", ".join(f"{d} {end_rss[d]:.0f}/{idle_rss[d]:.0f} MB" for d in ratios),
+    )
+    for entry in results.get("faults") or ():
+        if not entry["stream"]:
+            ok200 = sum(1 for r in entry["records"] if r["status"] == 200)
+            row(
+                f"under upstream faults: all {entry['summary']['requests']} answered 200",
+                entry["summary"]["requests"],
+                ok200,
+                "answered",
+                lower_is_better=False,
+            )
     emb = results.get("embedded")
     row("embedded default: one request < 30 s", 30, emb and emb["non_stream"]["latency"], "s")
     return rows
 
 
 # --- markdown ----------------------------------------------------------------------------------
+
+
+def _faults_section(results: dict) -> list[str]:
+    entries = results["faults"]
+    rates = entries[0]["fault_rates"]
+    served = results.get("faults_upstream") or {}
+    calls, faults = served.get("calls"), served.get("faults") or {}
+    lines = [
+        "### Under upstream faults",
+        "",
+        f"The simulated upstream restarted at {results['config']['upstream_latency_s']} s per call with "
+        + ", ".join(f"{100 * rate:g}% `{kind}`" for kind, rate in rates.items())
+        + " (`reset`: the connection closed mid-body, plain and streamed calls alike; `hang`: never "
+        f"answers, so the call's {results['config']['app']['models']['thinker']['timeout_s']} s timeout "
+        f"ends it); {entries[0]['summary']['requests']} requests at concurrency {entries[0]['concurrency']}, "
+        "non-stream then stream."
+        + (
+            f" Over both runs the upstream served {calls} calls, of them "
+            + ", ".join(f"{n} `{kind}`" for kind, n in sorted(faults.items()))
+            + "."
+            if calls
+            else ""
+        ),
+        "",
+    ]
+    rows = []
+    for e in entries:
+        s = e["summary"]
+        statuses = Counter(r["status"] for r in e["records"])
+        rows.append(
+            [
+                "stream" if e["stream"] else "json",
+                s["requests"],
+                statuses.get(200, 0),
+                s["ok"],
+                ", ".join(f"{k}: {v}" for k, v in s["errors_by_kind"].items()) or "none",
+                s["p50_s"],
+                s["p90_s"],
+                s["max_s"],
+                s["calls_per_request"],
+            ]
+        )
+    lines += _table(
+        ["mode", "requests", "status 200", "complete answers", "errors", "p50 s", "p90 s", "max s", "calls/req"],
+        rows,
+    )
+    lines += [
+        "",
+        "Complete answers: status 200 and, for a stream, `[DONE]` without an error event (a fuser reset "
+        "after its first token ends a stream with the OpenAI error event, by design). Calls per request "
+        "count what the upstreams billed, retries included.",
+        "",
+    ]
+    return lines
 
 
 def _fmt(x, nd=3) -> str:
@@ -438,6 +517,8 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
             ],
         )
         lines.append("")
+    if results.get("faults"):
+        lines += _faults_section(results)
     if results.get("burst"):
         b = results["burst"]
         s, res = b["summary"], b["resources"]
