@@ -171,7 +171,16 @@ def config_prose(config: dict[str, Any]) -> str:
     parts.append(f"context {value(c, 'strategy')}, fusion {value(f, 'strategy')}")
     priced = sorted(role for role, model in (config.get("models") or {}).items() if (model or {}).get("price"))
     parts.append(f"prices for {', '.join(priced)}" if priced else "no prices configured")
-    return "; ".join(parts) + "."
+    profiles = [f"`{name}`: {_overrides(o) or 'as above'}" for name, o in (config.get("profiles") or {}).items()]
+    prose = "; ".join(parts) + "."
+    return prose + (f" Profiles, each these settings with its overrides: {'; '.join(profiles)}." if profiles else "")
+
+
+def _overrides(overrides: Any, prefix: str = "") -> str:
+    """A profile's overrides as `section.key value` pairs (`economy off` for the whole section)."""
+    if not isinstance(overrides, dict):
+        return f"{prefix} {'off' if overrides is False else overrides}".strip()
+    return ", ".join(_overrides(value, f"{prefix}.{key}".lstrip(".")) for key, value in overrides.items())
 
 
 def arms_prose(arms: list[dict[str, Any]], listed: list[str] | None) -> str:
