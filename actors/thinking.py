@@ -244,8 +244,9 @@ class ThreadRunner:
         context = await self.context.build(earlier, request.usage, self.tag, budget=request.budget, deadline=stop_at)
         messages = request.thinker_messages(context, index + 1, challenge)
         if reservation is None:
-            estimate = self.thinker.estimate_prompt(messages) + self.thinker.model.max_tokens
-            reservation = await request.budget.acquire(estimate if request.budget.bounded else 0)
+            bounded = request.budget.bounded  # unbounded: nothing to estimate on every step
+            estimate = self.thinker.estimate_prompt(messages) + self.thinker.model.max_tokens if bounded else 0
+            reservation = await request.budget.acquire(estimate)
             if reservation is None:
                 self._skip(what, "budget")
                 return None

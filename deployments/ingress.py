@@ -4,7 +4,6 @@ Replies are built by `actors/serving.py`; errors of every kind leave in the Open
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at import time.
-import asyncio
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.admission import InFlightLimit, check_bearer
 from actors.config import ServiceConfig
-from actors.log_setup import bind_request, configure_logging
+from actors.log_setup import bind_request
 from actors.pipeline import DeepThinkingRun
 from actors.prompts import PromptSet
 from actors.protocol import APIError
@@ -26,7 +25,7 @@ from actors.schemas import FusionDelta, FusionJob, ThinkJob, ThinkUpdate
 from actors.serving import ChatServing, Prepared, internal_error
 from deployments.handles import call_with_retries, stream_with_retries
 from deployments.metrics import ServiceMetrics
-from deployments.replica import give_memory_back, tune_gc
+from deployments.replica import start_process_care
 
 log = structlog.get_logger(__name__)
 
@@ -101,9 +100,7 @@ class Ingress:
     async def __init__(
         self, config: ServiceConfig, prompts: PromptSet, thinker: DeploymentHandle, fuser: DeploymentHandle
     ) -> None:
-        configure_logging()
-        tune_gc()
-        self._trimmer = asyncio.get_running_loop().create_task(give_memory_back())
+        self._care = start_process_care()
         app.state.service_keys = config.service_api_keys
         self.limits = config.limits
         self.in_flight = InFlightLimit(config.limits.max_in_flight, config.limits.retry_after_s)
