@@ -48,19 +48,15 @@ from bench.service import (
     app_config,
     calls_per_request,
     critical_path,
-    free_port,
-    serve_config,
     start_serve,
     start_service,
     start_upstream,
     write_yaml,
 )
+from tests.support import FAULT_MIX, free_port, shipped_serve_config
 
 LATENCY_S = 0.2
 BURST_LATENCY_S = 2.0
-# Issue 9's fault mix: of all upstream calls, 10% answer 500, 5% 429 (Retry-After 1 s), 2% reset
-# the connection mid-body (plain and streamed calls alike), 1% never answer.
-FAULTS = {"500": 0.10, "429": 0.05, "reset": 0.02, "hang": 0.01}
 FAULT_REQUESTS, FAULT_CONCURRENCY = 200, 16
 
 
@@ -129,7 +125,7 @@ class Bench:
 
     def start(self) -> None:
         app = app_config(f"http://127.0.0.1:{self.up_port}/v1")
-        serve = serve_config(self.http_port)
+        serve = shipped_serve_config(self.http_port)
         for override in self.args.override:  # experiments only: "Deployment.key=value"
             target, _, value = override.partition("=")
             deployment, _, key = target.partition(".")
@@ -255,13 +251,13 @@ class Bench:
         return entry
 
     def faults(self) -> None:
-        log(f"restarting the simulated upstream with faults {FAULTS}")
-        self._restart_upstream(LATENCY_S, faults=FAULTS)
+        log(f"restarting the simulated upstream with faults {FAULT_MIX}")
+        self._restart_upstream(LATENCY_S, faults=FAULT_MIX)
         self.results["faults"] = []
         for stream in (False, True):
             name = f"faults{'-stream' if stream else ''}"
             load, used = self.phase(name, run_load, self.url, FAULT_CONCURRENCY, stream=stream, requests=FAULT_REQUESTS)
-            entry = self._entry(name, load, used, fault_rates=FAULTS)
+            entry = self._entry(name, load, used, fault_rates=FAULT_MIX)
             s = entry["summary"]
             log(f"{name}: {s['ok']} of {s['requests']} answered, p50 {s['p50_s']} s, max {s['max_s']} s")
             self.results["faults"].append(entry)

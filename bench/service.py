@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tests.support import answers_ok, free_port, shipped_serve_config, sim_config_dict  # noqa: F401  (free_port: bench.run)
+from tests.support import answers_ok, free_port, shipped_serve_config, sim_config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -48,11 +48,6 @@ def app_config(base_url: str) -> dict[str, Any]:
     for model in config["models"].values():
         model["timeout_s"] = 30
     return config
-
-
-def serve_config(port: int, embedded: bool = False) -> dict[str, Any]:
-    """serve_config.yaml with only the HTTP port changed (and the `local` app dropped unless embedded)."""
-    return shipped_serve_config(port, embedded=embedded)
 
 
 def calls_per_request(app: dict[str, Any]) -> int:
@@ -212,7 +207,7 @@ def start_service(app_config_path: Path, timeout: float = 240.0) -> tuple[Proc, 
     app_yaml = WORK / f"app-{port}.yaml"
     app_yaml.parent.mkdir(parents=True, exist_ok=True)
     app_yaml.write_text(_LOCAL_8000.sub(lambda m: f"{m[1]}:{port}", text))
-    serve_yaml = write_yaml(WORK / f"serve-{port}.yaml", serve_config(port, embedded=embedded))
+    serve_yaml = write_yaml(WORK / f"serve-{port}.yaml", shipped_serve_config(port, embedded=embedded))
     proc = start_serve(serve_yaml, app_yaml, port, timeout=timeout, check_local=embedded)
     return proc, f"http://127.0.0.1:{port}", app_yaml
 

@@ -29,6 +29,11 @@ ROLE_REPLIES = {
 }
 
 
+# Issue 9's fault mix, for the reliability tests and the benchmark: of all upstream calls, 10%
+# answer 500, 5% 429, 2% reset the connection mid-body (plain and streamed calls alike), 1% hang.
+FAULT_MIX = {"500": 0.10, "429": 0.05, "reset": 0.02, "hang": 0.01}
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for servers the tests or the benchmark start)."""
     with socket.socket() as sock:

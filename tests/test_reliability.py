@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import SERVICE_KEY, UPSTREAM_KEY
 from tests.simulated_upstream import Rule
-from tests.support import error_shape_problem
+from tests.support import FAULT_MIX, error_shape_problem
 
 pytestmark = pytest.mark.serve
 
@@ -37,14 +37,11 @@ def ask(client, model=MODEL, stream=False, **kwargs):
         return error.status_code, time.monotonic() - started, error
 
 
-FAULTS = {"500": 0.10, "429": 0.05, "reset": 0.02, "hang": 0.01}
-
-
 @pytest.mark.parametrize("model", ["token-killer-classic", "token-killer"])
 def test_faulty_upstreams_still_answer_every_request(client, sim, model):
     # 10% 500s, 5% 429s (Retry-After 1 s), 2% connections reset mid-body (the thinkers' and
     # validators' plain calls, the fuser's streamed one), 1% hangs.
-    sim.fault_rates = FAULTS
+    sim.fault_rates = FAULT_MIX
     sim.retry_after_s = 1
 
     with ThreadPoolExecutor(16) as pool:
@@ -71,7 +68,7 @@ def test_faulty_upstreams_still_answer_every_request(client, sim, model):
 def test_streams_under_faults_finish_or_end_with_an_error_event(client, sim):
     # Once the fuser's answer is streaming to the client, a reset of its upstream call cannot be
     # retried unseen: that stream ends with the OpenAI error event. Nothing else may fail.
-    sim.fault_rates = FAULTS
+    sim.fault_rates = FAULT_MIX
     sim.retry_after_s = 1
 
     def one(_):
