@@ -26,6 +26,7 @@ import asyncio
 import json
 import random
 import re
+import signal
 import threading
 import time
 import uuid
@@ -727,8 +728,12 @@ async def _serve_forever(args: argparse.Namespace) -> None:
     )
     await upstream.start(args.host, args.port)
     print(f"simulated upstream at {upstream.base_url}", flush=True)
+    # Handlers of our own: a process started in the background inherits SIGINT ignored.
+    stopped = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
     try:
-        await asyncio.Event().wait()
+        await stopped.wait()
     finally:
         await upstream.stop()
 
