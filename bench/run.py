@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -401,6 +402,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Run in the background, this process (and so `serve run`) would inherit SIGINT ignored, and
+    # stopping the service would wait out the grace period: children get the default again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args.out.mkdir(parents=True, exist_ok=True)
     wait_for_quiet_machine(args.ignore_pytest)
     bench = Bench(args)
