@@ -67,7 +67,9 @@ def test_faulty_upstreams_still_answer_every_request(client, sim, model):
 
 def test_streams_under_faults_finish_or_end_with_an_error_event(client, sim):
     # Once the fuser's answer is streaming to the client, a reset of its upstream call cannot be
-    # retried unseen: that stream ends with the OpenAI error event. Nothing else may fail.
+    # retried unseen: that stream ends with the OpenAI error event. A fuser call that failed every
+    # attempt before writing anything leaves the best thread's conclusion as the answer (rare under
+    # this mix: none in 500 streams, a few in 1,500). Nothing else may fail.
     sim.fault_rates = FAULT_MIX
     sim.retry_after_s = 1
 
@@ -82,7 +84,9 @@ def test_streams_under_faults_finish_or_end_with_an_error_event(client, sim):
         results = list(pool.map(one, range(60)))
 
     errors = [r for r in results if not isinstance(r, str)]
-    assert all(r == "The fused final answer is 42." for r in results if isinstance(r, str))
+    answers = {"The fused final answer is 42.", "We reason about the problem carefully."}  # fused, best thread
+    other = [r for r in results if isinstance(r, str) and r not in answers]
+    assert not other, other[:3]
     assert all("fuser failed mid-answer" in str(e) for e in errors), errors[:3]
     assert len(errors) <= 6
 
