@@ -79,8 +79,12 @@ class Fuser:
         pieces = self.client.stream(messages, usage, tag=job.request_id, params=params).__aiter__()
         try:
             while True:
+                # Which timer fired tells a deadline cut from an upstream timeout: reading the wall
+                # clock after an asyncio (monotonic) timer fires can land a hair before the deadline.
+                cut = asyncio.timeout(_left(job.deadline))
                 try:
-                    piece = await asyncio.wait_for(pieces.__anext__(), _left(job.deadline))
+                    async with cut:
+                        piece = await pieces.__anext__()
                 except StopAsyncIteration:
                     break
                 finish = piece.finish_reason or finish
@@ -90,7 +94,7 @@ class Fuser:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the upstream's failure: degrade or report
-            if isinstance(exc, TimeoutError) and _left(job.deadline) == 0:
+            if isinstance(exc, TimeoutError) and cut.expired():
                 log.warning("fusion_cut_at_deadline", said_anything=said)
                 if said:
                     yield FusionDelta(finish_reason="length", usage=usage, final=True, mode=mode, reason="deadline")

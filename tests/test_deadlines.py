@@ -50,7 +50,11 @@ def test_a_slow_fuser_is_cut_at_the_deadline_and_usage_is_what_was_served(client
 
 
 def test_a_stream_cut_at_the_deadline_ends_with_length(client, sim):
-    sim.token_interval = 1.0  # only the fuser streams: one word a second
+    # Only the fuser streams: 40 words, one each 0.3 s, so the 3 s deadline cuts it. The gap stays
+    # far below the test config's 2 s read timeout, which would end the stream as an upstream failure.
+    sim.token_interval = 0.3
+    long_answer = " ".join(f"word{i}" for i in range(40))
+    sim.add_rule(Rule(model="sim-fuser", reply=long_answer))
     tag = f"deadline-stream-{time.time_ns()}"
 
     started = time.monotonic()
@@ -68,9 +72,7 @@ def test_a_stream_cut_at_the_deadline_ends_with_length(client, sim):
 
     assert elapsed < 3.5
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert (
-        content and "The fused final answer is 42.".startswith(content) and content != "The fused final answer is 42."
-    )
+    assert content and long_answer.startswith(content) and content != long_answer
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["length"]
     usage = chunks[-1].usage

@@ -323,6 +323,23 @@ async def test_the_answer_is_cut_at_the_deadline(http_session, upstream):
     await until(lambda: upstream.in_flight == 0)
 
 
+async def test_the_cut_holds_when_the_wall_clock_lags_the_loop_clock(http_session, upstream, monkeypatch):
+    # The deadline is wall-clock time; asyncio's timers run on the monotonic clock. When the wall
+    # clock runs a little slow against it, the timer that fires is still the deadline's cut.
+    upstream.token_interval = 0.05
+    upstream.add_rule(Rule(model="sim-fuser", reply=" ".join(f"w{i}" for i in range(40))))
+    fuser, settings = make(http_session, upstream)
+    job = fusion_job(settings, deadline=time.time() + 0.25)
+    real_time, start = time.time, time.time()
+    monkeypatch.setattr("actors.fusion.time.time", lambda: start + (real_time() - start) * 0.9)
+
+    deltas = await fuse_all(fuser, job)
+
+    final = deltas[-1]
+    assert (final.finish_reason, final.mode, final.reason) == ("length", "fused", "deadline")
+    await until(lambda: upstream.in_flight == 0)
+
+
 async def test_a_deadline_before_any_text_answers_with_the_best_thread(http_session, upstream):
     upstream.add_rule(Rule(model="sim-fuser", latency=2))
     fuser, settings = make(http_session, upstream)
