@@ -38,6 +38,8 @@ def classify(cmdline: list[str]) -> str:
     for needle, name in (
         ("ray::ServeController", "controller"),
         ("ray::ProxyActor", "proxy"),
+        ("ray::HAProxyManager", "haproxy"),  # with haproxy.env: the manager actor and the binary
+        ("bin/haproxy", "haproxy"),
         ("gcs_server", "gcs_server"),
         ("raylet/raylet", "raylet"),
         ("ray::DashboardAgent", "dashboard"),

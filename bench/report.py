@@ -384,6 +384,8 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
             "PSS splits shared pages between the processes sharing them. GB = 1,024 MB.",
             "",
         ]
+    if cfg.get("haproxy"):
+        lines += ["**Experiment: HTTP through HAProxy (`haproxy.env`, the opt-in ingress).**", ""]
     if cfg.get("serve_overrides"):
         lines += [f"**Experiment: serve_config.yaml changed by `{'`, `'.join(cfg['serve_overrides'])}`.**", ""]
     rows = targets(results)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tests.support import answers_ok, free_port, shipped_serve_config, sim_config_dict
+from tests.support import answers_ok, free_port, haproxy_env, shipped_serve_config, sim_config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -176,9 +176,15 @@ def start_upstream(
 
 
 def start_serve(
-    serve_yaml: Path, app_yaml: Path | None, port: int, timeout: float = 240.0, check_local: bool = False
+    serve_yaml: Path,
+    app_yaml: Path | None,
+    port: int,
+    timeout: float = 240.0,
+    check_local: bool = False,
+    haproxy: bool = False,
 ) -> Proc:
-    env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
+    """`serve run` in a Ray instance of its own; `haproxy`: with haproxy.env (the opt-in ingress)."""
+    env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0", **(haproxy_env() if haproxy else {})}
     if app_yaml is not None:
         env["TOKEN_KILLER_CONFIG"] = str(app_yaml)
     proc = Proc([str(BIN / "serve"), "run", str(serve_yaml)], WORK / f"serve-{port}.log", env)

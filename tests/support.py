@@ -107,6 +107,22 @@ def shipped_serve_config(
     return config
 
 
+def haproxy_env() -> dict[str, str]:
+    """haproxy.env (the opt-in HAProxy ingress, read when Ray starts) for one Serve instance here,
+    with the ports Serve fixes by default moved to free ones: HAProxy's stats and metrics, and
+    the fallback Python proxy behind it (it binds with SO_REUSEPORT, so it would silently share
+    another instance's port and answer for it)."""
+    env = {}
+    for line in (ROOT / "haproxy.env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip()
+    env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
+    env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(free_port())
+    return env
+
+
 def error_shape_problem(status: int, body: bytes) -> str | None:
     """What is wrong with a non-2xx response body, if it is not OpenAI's error shape."""
     try:
