@@ -372,20 +372,25 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
             f"**{cfg['calls_per_request']} upstream calls per request** (checked against each response's "
             "`usage_by_role`).",
             "- Serve config (`bench/work/bench_serve.yaml`): `serve_config.yaml` unchanged but for the HTTP "
-            "port and without the `local` app; started with `serve run` (RAY_ADDRESS=local), dashboard on.",
+            "port and without the `local` app; started with `serve run` (RAY_ADDRESS=local), dashboard on, "
+            + (
+                "with `haproxy.env` as `make run` starts it (HTTP through HAProxy).",
+                "without `haproxy.env` (HTTP through Serve's Python proxy).",
+            )[cfg.get("haproxy") is False],
             f"- Critical path at {cfg['upstream_latency_s']} s per call: **{cp:g} s** = ({t['max_steps']} thinker "
             "steps + the last step's validation, 2 calls deep (counterexamples, then voters) + 1 fuser call) × "
             "latency: each step's validation overlaps the next step's thinking (`critical_path()` in "
             "`bench/service.py`).",
             "- CPU: user+system time of every process in the `serve run` session (GCS, raylet, dashboard "
-            "and agents, controller, proxy, every replica, idle workers, the `serve run` driver), sampled "
+            "and agents, controller, HAProxy and its manager, Serve's proxy, every replica, idle workers, the "
+            "`serve run` driver), sampled "
             "every 0.5 s, a process's last reading kept after it exits; divided by the upstream calls the "
             "responses report. RSS is the sum over those processes (shared pages counted in each process); "
             "PSS splits shared pages between the processes sharing them. GB = 1,024 MB.",
             "",
         ]
-    if cfg.get("haproxy"):
-        lines += ["**Experiment: HTTP through HAProxy (`haproxy.env`, the opt-in ingress).**", ""]
+    if cfg.get("haproxy") is False:
+        lines += ["**Experiment: `serve run` without `haproxy.env`: HTTP through Serve's Python proxy.**", ""]
     if cfg.get("serve_overrides"):
         lines += [f"**Experiment: serve_config.yaml changed by `{'`, `'.join(cfg['serve_overrides'])}`.**", ""]
     rows = targets(results)

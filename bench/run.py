@@ -6,7 +6,7 @@
     .venv/bin/python -m bench.run --embedded      # also time one request on the real serve_config.yaml
     .venv/bin/python -m bench.run --scenarios burst --override Ingress.max_queued_requests=1000
                                                   # experiment: bench/results/experiments/...
-    .venv/bin/python -m bench.run --scenarios levels --levels 64 --haproxy   # the opt-in ingress
+    .venv/bin/python -m bench.run --scenarios levels --levels 64 --python-proxy   # without haproxy.env
     .venv/bin/python -m bench.report bench/results/latest.json BENCHMARKS.md   # re-render only
 
 Scenarios: `levels` (closed-loop load at each concurrency, non-stream then stream, upstream
@@ -144,7 +144,7 @@ class Bench:
             "critical_path_s": critical_path(app, LATENCY_S),
             "burst_critical_path_s": critical_path(app, BURST_LATENCY_S),
             "serve_overrides": self.args.override,
-            "haproxy": self.args.haproxy,
+            "haproxy": not self.args.python_proxy,
         }
         log(f"simulated upstream on :{self.up_port} (latency {LATENCY_S} s)")
         self.upstream = start_upstream(self.up_port, LATENCY_S, scenario=SCENARIO)
@@ -152,7 +152,7 @@ class Bench:
         serve_yaml = write_yaml(WORK / "bench_serve.yaml", serve)
         log(f"serve run {serve_yaml.relative_to(ROOT)} on :{self.http_port}")
         started = time.monotonic()
-        self.serve = start_serve(serve_yaml, app_yaml, self.http_port, haproxy=self.args.haproxy)
+        self.serve = start_serve(serve_yaml, app_yaml, self.http_port, haproxy=not self.args.python_proxy)
         self.results["startup_s"] = round(time.monotonic() - started, 2)
         log(f"service ready in {self.results['startup_s']} s")
         self.sampler = Sampler(self.serve.pid, self.upstream.pid).start()
@@ -375,7 +375,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DEPLOYMENT.KEY=VALUE",
         help="experiment: change one deployment option of serve_config.yaml (repeatable)",
     )
-    p.add_argument("--haproxy", action="store_true", help="experiment: HTTP through HAProxy (haproxy.env)")
+    p.add_argument(
+        "--python-proxy", action="store_true", help="experiment: `serve run` without haproxy.env (Serve's Python proxy)"
+    )
     p.add_argument("--ignore-pytest", action="store_true", help="do not wait for a running pytest")
     p.add_argument("--out", type=Path, default=None, help="results directory")
     p.add_argument(
@@ -394,10 +396,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.settle = a.settle if a.settle is not None else (20.0 if q else 90.0)
     # BENCHMARKS.md is written only by a full, unmodified run into bench/results/ (the default);
     # quick runs, experiments (--override) and other --out directories get a report.md beside their JSON.
-    official = not q and a.out is None and not a.override and not a.haproxy
+    official = not q and a.out is None and not a.override and not a.python_proxy
     results = ROOT / "bench" / "results"
-    if a.out is None and (a.override or a.haproxy):  # e.g. bench/results/experiments/haproxy
-        names = ["haproxy"] * a.haproxy + [o.replace("/", "_") for o in a.override]
+    if a.out is None and (a.override or a.python_proxy):  # e.g. bench/results/experiments/python-proxy
+        names = ["python-proxy"] * a.python_proxy + [o.replace("/", "_") for o in a.override]
         a.out = results / "experiments" / "+".join(names)
     a.out = (a.out or results / ("quick" if q else "")).resolve()
     a.markdown = (a.markdown or (ROOT / "BENCHMARKS.md" if official else a.out / "report.md")).resolve()

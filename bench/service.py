@@ -181,9 +181,10 @@ def start_serve(
     port: int,
     timeout: float = 240.0,
     check_local: bool = False,
-    haproxy: bool = False,
+    haproxy: bool = True,
 ) -> Proc:
-    """`serve run` in a Ray instance of its own; `haproxy`: with haproxy.env (the opt-in ingress)."""
+    """`serve run` in a Ray instance of its own, with haproxy.env as `make run` starts it (HTTP
+    through HAProxy); `haproxy=False`: plain `serve run`, HTTP through Serve's Python proxy."""
     env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0", **(haproxy_env() if haproxy else {})}
     if app_yaml is not None:
         env["TOKEN_KILLER_CONFIG"] = str(app_yaml)

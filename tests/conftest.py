@@ -16,6 +16,7 @@ from tests.support import (
     ROOT,
     error_shape_problem,
     free_port,
+    haproxy_env,
     role_aware_reply,
     shipped_serve_config,
     sim_config_dict,
@@ -81,8 +82,9 @@ def serve_http() -> Iterator[str]:
     # (never through runtime_env, which Ray writes to its logs).
     # Ray's raylet keeps the environment it started with and every replica inherits it; the
     # test process gets its own back, so services other tests start (embedded, cluster) do not.
-    before = {key: os.environ.get(key) for key in SECRETS}
-    os.environ.update(SECRETS)
+    ingress = haproxy_env()
+    before = {key: os.environ.get(key) for key in {**SECRETS, **ingress}}
+    os.environ.update({**SECRETS, **ingress})
     try:
         # Replica logs go to the session's files (where tests read them), not to pytest's output.
         ray.init(

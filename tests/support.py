@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,19 @@ FAULT_MIX = {"500": 0.10, "429": 0.05, "reset": 0.02, "hang": 0.01}
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for servers the tests or the benchmark start)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on every interface right now (for servers the tests or the benchmark start).
+
+    Taken from 20000-29999: below the kernel's ephemeral range, which Ray's many outgoing
+    connections draw from (a port picked there was once taken before HAProxy could bind it), and
+    between Ray's worker ports (10002-19999) and its direct-ingress ports (30000-31000)."""
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-29999")
 
 
 def role_aware_reply(request: dict[str, Any]) -> str:
@@ -116,7 +127,7 @@ def haproxy_env() -> dict[str, str]:
     for line in (ROOT / "haproxy.env").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
-            env[key.strip()] = value.strip()
+            env[key.strip()] = value.strip().replace("$PWD", str(ROOT))
     env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
     env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
     env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(free_port())
@@ -143,6 +154,49 @@ async def until(predicate, timeout: float = 2.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+def check_a_client_disconnect_stops_every_upstream_call(base_url: str, api_key: str, sim, stream: bool) -> None:
+    """A client that leaves mid-request (a stream closed, a JSON call timed out at 1.2 s) stops
+    every upstream call of its request at once: no call starts afterwards, fusion never runs."""
+    import openai
+
+    question = [{"role": "user", "content": "What is six times seven?"}]
+    sim.latency = 0.5
+    request_id = uuid.uuid4().hex
+    impatient = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=1.2)
+
+    sent = time.monotonic()
+    if stream:
+        response = impatient.chat.completions.create(
+            model="token-killer", messages=question, stream=True, extra_headers={"x-request-id": request_id}
+        )
+        next(iter(response))  # the role chunk: the request is under way
+        time.sleep(0.8)
+        response.close()
+    else:
+        try:
+            impatient.chat.completions.create(
+                model="token-killer", messages=question, extra_headers={"x-request-id": request_id}
+            )
+            raise AssertionError("the request answered before the client's timeout")
+        except openai.APITimeoutError:
+            pass
+    gone = time.monotonic()
+    assert any(r.tag == request_id for r in sim.records), "the request reached the upstream"
+
+    deadline = gone + 1.0
+    while sim.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sim.in_flight == 0
+    time.sleep(1.0)
+    ours = [r for r in sim.records if r.tag == request_id]
+    assert all(r.started < deadline for r in ours)
+    timeline = [
+        (r.model, round(r.started - sent, 3), r.finished and round(r.finished - sent, 3), r.cancelled) for r in ours
+    ]
+    assert not any(r.model == "sim-fuser" for r in ours), f"client left at {gone - sent:.3f} s: {timeline}"
+    assert any(r.cancelled for r in ours)
 
 
 def answers_ok(url: str) -> bool:

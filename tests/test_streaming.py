@@ -2,13 +2,13 @@
 
 import json
 import time
-import uuid
 
 import openai
 import pytest
 
 from tests.conftest import SERVICE_KEY
 from tests.simulated_upstream import Rule
+from tests.support import check_a_client_disconnect_stops_every_upstream_call
 
 pytestmark = pytest.mark.serve
 
@@ -118,38 +118,7 @@ def test_a_failure_after_the_stream_started_is_an_error_event(client, sim):
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_a_client_disconnect_stops_every_upstream_call(service, sim, stream):
-    sim.latency = 0.5
-    request_id = uuid.uuid4().hex
-    impatient = openai.OpenAI(base_url=f"{service}/v1", api_key=SERVICE_KEY, max_retries=0, timeout=1.2)
-
-    sent = time.monotonic()
-    if stream:
-        response = impatient.chat.completions.create(
-            model=MODEL, messages=QUESTION, stream=True, extra_headers={"x-request-id": request_id}
-        )
-        next(iter(response))  # the role chunk: the request is under way
-        time.sleep(0.8)
-        response.close()
-    else:
-        with pytest.raises(openai.APITimeoutError):
-            impatient.chat.completions.create(
-                model=MODEL, messages=QUESTION, extra_headers={"x-request-id": request_id}
-            )
-    gone = time.monotonic()
-    assert any(r.tag == request_id for r in sim.records), "the request reached the upstream"
-
-    deadline = gone + 1.0
-    while sim.in_flight and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert sim.in_flight == 0
-    time.sleep(1.0)
-    ours = [r for r in sim.records if r.tag == request_id]
-    assert all(r.started < deadline for r in ours)
-    timeline = [
-        (r.model, round(r.started - sent, 3), r.finished and round(r.finished - sent, 3), r.cancelled) for r in ours
-    ]
-    assert not any(r.model == "sim-fuser" for r in ours), f"client left at {gone - sent:.3f} s: {timeline}"
-    assert any(r.cancelled for r in ours)
+    check_a_client_disconnect_stops_every_upstream_call(service, SERVICE_KEY, sim, stream)
 
 
 def test_silent_phases_send_keepalive_comments_that_clients_ignore(service, client, sim):
