@@ -3,8 +3,9 @@
 Ray's HAProxy config turns on `option splice-request`. With it, HAProxy 2.8 stops watching a
 client whose request body came in a packet after the headers (as the openai client sends it): a
 client that hangs up goes unnoticed, and its request runs to the end, spending its upstream calls.
-`-dS` turns splice() off (measured: 12 of 12 hang-ups passed on, against 4 of 12 with it); the
-rest is Ray's own binary and config. `exec` keeps the pid Ray started and watches.
+`-dS` turns splice() off; the rest is Ray's own binary and config. Twelve openai clients leaving
+mid-request at once: with splice, 2, 3 and 4 of 12 hang-ups reached the Ingress in three rounds;
+without, 36 of 36. `exec` keeps the pid Ray started and watches.
 """
 
 from __future__ import annotations

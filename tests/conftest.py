@@ -73,13 +73,14 @@ def _every_error_has_the_openai_shape():
 
 @pytest.fixture(scope="session")
 def serve_http() -> Iterator[str]:
-    """A Ray cluster and Serve HTTP proxy for the whole session; returns the base URL."""
+    """A Ray cluster and Serve's HTTP entry for the whole session, as `make run` starts it (with
+    haproxy.env: HAProxy on the port); returns the base URL."""
     import ray
     from ray import serve
 
     port = free_port()
     # Secrets reach the replicas as a user's would: from the environment `serve run` starts in
-    # (never through runtime_env, which Ray writes to its logs).
+    # (never through runtime_env, which Ray writes to its logs); haproxy.env's settings the same way.
     # Ray's raylet keeps the environment it started with and every replica inherits it; the
     # test process gets its own back, so services other tests start (embedded, cluster) do not.
     ingress = haproxy_env()

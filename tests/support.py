@@ -119,7 +119,7 @@ def shipped_serve_config(
 
 
 def haproxy_env() -> dict[str, str]:
-    """haproxy.env (the opt-in HAProxy ingress, read when Ray starts) for one Serve instance here,
+    """haproxy.env (HTTP through HAProxy, as `make run` starts Ray) for one Serve instance here,
     with the ports Serve fixes by default moved to free ones: HAProxy's stats and metrics, and
     the fallback Python proxy behind it (it binds with SO_REUSEPORT, so it would silently share
     another instance's port and answer for it)."""
