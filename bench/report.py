@@ -647,7 +647,8 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
         lines += [
             "### Embedded default",
             "",
-            f"`serve run` of the shipped `serve_config.yaml` (with the `local` llama.cpp app; HTTP port "
+            f"`serve run` of the shipped `serve_config.yaml` with `haproxy.env`, as `make run` starts it (with the "
+            f"`local` llama.cpp app; HTTP port "
             f"changed, `configs/default.yaml` pointed at it): ready in {e['startup_s']} s; one request "
             f"{e['non_stream']['latency']} s non-stream (status {e['non_stream']['status']}), "
             f"{e['stream']['latency']} s stream (first answer token at {e['stream'].get('ttfc')} s).",
