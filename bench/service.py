@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -101,9 +103,12 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float) 
 class Proc:
     """A subprocess in a session of its own; `stop()` ends its whole process group."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, scratch: Path | None = None
+    ) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
+        self.scratch = scratch  # a directory of the process's files, removed by stop()
         self._log_file = open(log, "w")
         self.popen = subprocess.Popen(
             args,
@@ -133,6 +138,8 @@ class Proc:
             self.popen.kill()
         self.popen.wait()
         self._log_file.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def session_pids(sid: int) -> list[int]:
@@ -185,10 +192,11 @@ def start_serve(
 ) -> Proc:
     """`serve run` in a Ray instance of its own, with haproxy.env as `make run` starts it (HTTP
     through HAProxy); `haproxy=False`: plain `serve run`, HTTP through Serve's Python proxy."""
-    env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0", **(haproxy_env() if haproxy else {})}
+    haproxy_files = Path(tempfile.mkdtemp(prefix="tk-haproxy-")) if haproxy else None
+    env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0", **(haproxy_env(haproxy_files) if haproxy else {})}
     if app_yaml is not None:
         env["TOKEN_KILLER_CONFIG"] = str(app_yaml)
-    proc = Proc([str(BIN / "serve"), "run", str(serve_yaml)], WORK / f"serve-{port}.log", env)
+    proc = Proc([str(BIN / "serve"), "run", str(serve_yaml)], WORK / f"serve-{port}.log", env, haproxy_files)
     try:
         _wait_ready(f"http://127.0.0.1:{port}/v1/models", proc.popen, proc.log, timeout)
         if check_local:

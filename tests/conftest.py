@@ -7,7 +7,10 @@ free port; everything started here is shut down at the end.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -83,7 +86,8 @@ def serve_http() -> Iterator[str]:
     # (never through runtime_env, which Ray writes to its logs); haproxy.env's settings the same way.
     # Ray's raylet keeps the environment it started with and every replica inherits it; the
     # test process gets its own back, so services other tests start (embedded, cluster) do not.
-    ingress = haproxy_env()
+    haproxy_files = Path(tempfile.mkdtemp(prefix="tk-haproxy-"))
+    ingress = haproxy_env(haproxy_files)
     before = {key: os.environ.get(key) for key in {**SECRETS, **ingress}}
     os.environ.update({**SECRETS, **ingress})
     try:
@@ -106,6 +110,7 @@ def serve_http() -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(haproxy_files, ignore_errors=True)
 
 
 def deploy(applications: list[dict]) -> None:

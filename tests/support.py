@@ -118,11 +118,14 @@ def shipped_serve_config(
     return config
 
 
-def haproxy_env() -> dict[str, str]:
+def haproxy_env(files: Path) -> dict[str, str]:
     """haproxy.env (HTTP through HAProxy, as `make run` starts Ray) for one Serve instance here,
     with the ports Serve fixes by default moved to free ones: HAProxy's stats and metrics, and
     the fallback Python proxy behind it (it binds with SO_REUSEPORT, so it would silently share
-    another instance's port and answer for it)."""
+    another instance's port and answer for it). HAProxy's files (config, sockets, server state,
+    logs) go under `files`, for the caller to remove, rather than into a directory per instance
+    that Ray leaves in /tmp/haproxy-serve/. Keep `files` short: Unix socket paths end at 108
+    bytes, and Ray adds the node id (56 characters)."""
     env = {}
     for line in (ROOT / "haproxy.env").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
@@ -131,6 +134,11 @@ def haproxy_env() -> dict[str, str]:
     env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
     env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
     env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(free_port())
+    env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] = str(files / "haproxy.cfg")
+    env["RAY_SERVE_HAPROXY_SOCKET_PATH"] = str(files / "admin.sock")
+    env["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"] = str(files / "metrics.sock")
+    env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(files)
+    env["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] = str(files / "server-state")
     return env
 
 
