@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -192,8 +191,11 @@ def start_serve(
 ) -> Proc:
     """`serve run` in a Ray instance of its own, with haproxy.env as `make run` starts it (HTTP
     through HAProxy); `haproxy=False`: plain `serve run`, HTTP through Serve's Python proxy."""
-    haproxy_files = Path(tempfile.mkdtemp(prefix="tk-haproxy-")) if haproxy else None
-    env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0", **(haproxy_env(haproxy_files) if haproxy else {})}
+    env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
+    haproxy_files = None
+    if haproxy:
+        ingress, haproxy_files = haproxy_env()
+        env.update(ingress)
     if app_yaml is not None:
         env["TOKEN_KILLER_CONFIG"] = str(app_yaml)
     proc = Proc([str(BIN / "serve"), "run", str(serve_yaml)], WORK / f"serve-{port}.log", env, haproxy_files)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -86,10 +84,10 @@ def serve_http() -> Iterator[str]:
     # (never through runtime_env, which Ray writes to its logs); haproxy.env's settings the same way.
     # Ray's raylet keeps the environment it started with and every replica inherits it; the
     # test process gets its own back, so services other tests start (embedded, cluster) do not.
-    haproxy_files = Path(tempfile.mkdtemp(prefix="tk-haproxy-"))
-    ingress = haproxy_env(haproxy_files)
-    before = {key: os.environ.get(key) for key in {**SECRETS, **ingress}}
-    os.environ.update({**SECRETS, **ingress})
+    ingress, haproxy_files = haproxy_env()
+    settings = {**SECRETS, **ingress}
+    before = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     try:
         # Replica logs go to the session's files (where tests read them), not to pytest's output.
         ray.init(

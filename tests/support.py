@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import socket
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -118,14 +119,17 @@ def shipped_serve_config(
     return config
 
 
-def haproxy_env(files: Path) -> dict[str, str]:
+def haproxy_env() -> tuple[dict[str, str], Path]:
     """haproxy.env (HTTP through HAProxy, as `make run` starts Ray) for one Serve instance here,
     with the ports Serve fixes by default moved to free ones: HAProxy's stats and metrics, and
     the fallback Python proxy behind it (it binds with SO_REUSEPORT, so it would silently share
-    another instance's port and answer for it). HAProxy's files (config, sockets, server state,
-    logs) go under `files`, for the caller to remove, rather than into a directory per instance
-    that Ray leaves in /tmp/haproxy-serve/. Keep `files` short: Unix socket paths end at 108
-    bytes, and Ray adds the node id (56 characters)."""
+    another instance's port and answer for it).
+
+    Also returns a new directory for HAProxy's files (config, sockets, server state, logs), for
+    the caller to remove when the instance stops, rather than one per instance that Ray leaves in
+    /tmp/haproxy-serve/. It is short on purpose: Unix socket paths end at 108 bytes, and Ray adds
+    the node id (56 characters)."""
+    files = Path(tempfile.mkdtemp(prefix="tk-haproxy-"))
     env = {}
     for line in (ROOT / "haproxy.env").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
@@ -139,7 +143,7 @@ def haproxy_env(files: Path) -> dict[str, str]:
     env["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"] = str(files / "metrics.sock")
     env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(files)
     env["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] = str(files / "server-state")
-    return env
+    return env, files
 
 
 def error_shape_problem(status: int, body: bytes) -> str | None:
