@@ -37,19 +37,29 @@ ROLE_REPLIES = {
 FAULT_MIX = {"500": 0.10, "429": 0.05, "reset": 0.02, "hang": 0.01}
 
 
+# Ports free_port() has handed out in this process. A caller often asks for several before it
+# binds any (a Ray node takes nine on its command line), so a port still unbound must not be
+# handed out twice.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on every interface right now (for servers the tests or the benchmark start).
+    """A TCP port free on every interface right now and not handed out before by this process
+    (for servers the tests or the benchmark start).
 
     Taken from 20000-29999: below the kernel's ephemeral range, which Ray's many outgoing
     connections draw from (a port picked there was once taken before HAProxy could bind it), and
     between Ray's worker ports (10002-19999) and its direct-ingress ports (30000-31000)."""
     for port in random.sample(range(20000, 30000), 200):
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("0.0.0.0", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     raise RuntimeError("no free TCP port in 20000-29999")
 
 
