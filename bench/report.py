@@ -374,9 +374,10 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
             "- Serve config (`bench/work/bench_serve.yaml`): `serve_config.yaml` unchanged but for the HTTP "
             "port and without the `local` app; started with `serve run` (RAY_ADDRESS=local), dashboard on, "
             + (
-                "with `haproxy.env` as `make run` starts it (HTTP through HAProxy).",
-                "without `haproxy.env` (HTTP through Serve's Python proxy).",
-            )[cfg.get("haproxy") is False],
+                "with `haproxy.env` as `make run` starts it (HTTP through HAProxy)."
+                if cfg.get("haproxy")  # results from before haproxy.env have no such key: Serve's proxy
+                else "without `haproxy.env` (HTTP through Serve's Python proxy)."
+            ),
             f"- Critical path at {cfg['upstream_latency_s']} s per call: **{cp:g} s** = ({t['max_steps']} thinker "
             "steps + the last step's validation, 2 calls deep (counterexamples, then voters) + 1 fuser call) × "
             "latency: each step's validation overlaps the next step's thinking (`critical_path()` in "

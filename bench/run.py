@@ -399,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     official = not q and a.out is None and not a.override and not a.python_proxy
     results = ROOT / "bench" / "results"
     if a.out is None and (a.override or a.python_proxy):  # e.g. bench/results/experiments/python-proxy
-        names = ["python-proxy"] * a.python_proxy + [o.replace("/", "_") for o in a.override]
+        names = (["python-proxy"] if a.python_proxy else []) + [o.replace("/", "_") for o in a.override]
         a.out = results / "experiments" / "+".join(names)
     a.out = (a.out or results / ("quick" if q else "")).resolve()
     a.markdown = (a.markdown or (ROOT / "BENCHMARKS.md" if official else a.out / "report.md")).resolve()
