@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import structlog
+from yarl import URL
 
 from actors.config import ModelConfig, ServiceConfig, UpstreamConfig
 from actors.schemas import UsageLedger
@@ -170,7 +171,8 @@ class _Endpoint:
 
     def __init__(self, model: ModelConfig) -> None:
         self.model = model
-        self.url = model.base_url.rstrip("/") + "/chat/completions"
+        # Parsed once (aiohttp would parse a str URL on every call): yarl is aiohttp's own URL type.
+        self.url = URL(model.base_url.rstrip("/") + "/chat/completions")
         self.headers = {"Content-Type": "application/json"}
         if model.api_key is not None:
             self.headers["Authorization"] = f"Bearer {model.api_key.get_secret_value()}"
