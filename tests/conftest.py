@@ -17,7 +17,7 @@ from tests.support import (
     ROOT,
     error_shape_problem,
     free_port,
-    haproxy_env,
+    ray_env,
     role_aware_reply,
     shipped_serve_config,
     sim_config_dict,
@@ -75,17 +75,17 @@ def _every_error_has_the_openai_shape():
 @pytest.fixture(scope="session")
 def serve_http() -> Iterator[str]:
     """A Ray cluster and Serve's HTTP entry for the whole session, as `make run` starts it (with
-    haproxy.env: HAProxy on the port); returns the base URL."""
+    ray.env: HAProxy on the port); returns the base URL."""
     import ray
     from ray import serve
 
     port = free_port()
     # Secrets reach the replicas as a user's would: from the environment `serve run` starts in
-    # (never through runtime_env, which Ray writes to its logs); haproxy.env's settings the same way.
+    # (never through runtime_env, which Ray writes to its logs); ray.env's settings the same way.
     # Ray's raylet keeps the environment it started with and every replica inherits it; the
     # test process gets its own back, so services other tests start (embedded, cluster) do not.
-    ingress, haproxy_files = haproxy_env()
-    settings = {**SECRETS, **ingress}
+    ray_settings, haproxy_files = ray_env()
+    settings = {**SECRETS, **ray_settings}
     before = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
     try:

@@ -129,8 +129,8 @@ def shipped_serve_config(
     return config
 
 
-def haproxy_env() -> tuple[dict[str, str], Path]:
-    """haproxy.env (HTTP through HAProxy, as `make run` starts Ray) for one Serve instance here,
+def ray_env() -> tuple[dict[str, str], Path]:
+    """ray.env (as `make run` starts Ray: HTTP through HAProxy) for one Serve instance here,
     with the ports Serve fixes by default moved to free ones: HAProxy's stats and metrics, and
     the fallback Python proxy behind it (it binds with SO_REUSEPORT, so it would silently share
     another instance's port and answer for it).
@@ -141,7 +141,7 @@ def haproxy_env() -> tuple[dict[str, str], Path]:
     the node id (56 characters)."""
     files = Path(tempfile.mkdtemp(prefix="tk-haproxy-"))
     env = {}
-    for line in (ROOT / "haproxy.env").read_text().splitlines():
+    for line in (ROOT / "ray.env").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
             env[key.strip()] = value.strip().replace("$PWD", str(ROOT))

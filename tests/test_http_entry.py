@@ -1,6 +1,6 @@
 """Both ways HTTP enters the service. `make run` (and this suite's shared cluster) starts Ray with
-haproxy.env: HAProxy holds the HTTP port and sends requests straight to the Ingress replica. Plain
-`serve run serve_config.yaml` (no haproxy.env) goes through Serve's Python proxy instead; that
+ray.env: HAProxy holds the HTTP port and sends requests straight to the Ingress replica. Plain
+`serve run serve_config.yaml` (no ray.env) goes through Serve's Python proxy instead; that
 path is run here in a Ray instance of its own."""
 
 import openai
@@ -55,7 +55,7 @@ def test_plain_serve_run_answers_json_and_sse_through_serves_proxy(python_proxy_
     proc, base = python_proxy_service
     port = int(base.rsplit(":", 1)[1])
     session = [psutil.Process(pid) for pid in session_pids(proc.pid)]
-    assert not any("haproxy" in " ".join(p.cmdline()) for p in session), "HAProxy started without haproxy.env"
+    assert not any("haproxy" in " ".join(p.cmdline()) for p in session), "HAProxy started without ray.env"
     proxies = [p for p in session if "ray::ProxyActor" in " ".join(p.cmdline())]
     assert any(port in {c.laddr.port for c in p.net_connections("tcp")} for p in proxies)
 
