@@ -1,6 +1,6 @@
 """Ingress deployment: the OpenAI API's routes, and the pipeline bound to the deployment handles.
 
-Replies are built by `actors/serving.py`; errors of every kind leave in the OpenAI shape.
+Replies are built by `actors/serving.py` and its wire formats; errors of every kind leave in the OpenAI shape.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at import time.
@@ -22,7 +22,8 @@ from actors.pipeline import DeepThinkingRun
 from actors.prompts import PromptSet
 from actors.protocol import APIError
 from actors.schemas import FusionDelta, FusionJob, ThinkJob, ThinkUpdate
-from actors.serving import ChatServing, Prepared, internal_error
+from actors.serving import Prepared, internal_error
+from actors.serving_chat import ChatServing
 from deployments.handles import call_with_retries, stream_with_retries
 from deployments.metrics import ServiceMetrics
 from deployments.replica import start_process_care
@@ -140,7 +141,7 @@ class Ingress:
         bind_request(request_id)
         prepared = self.serving.prepare(raw, request_id)
         release = self._admit()
-        if not prepared.chat.stream:
+        if not prepared.ask.stream:
             try:
                 completion = await self.serving.complete(prepared)
             finally:

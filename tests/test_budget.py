@@ -12,7 +12,7 @@ from actors.model_client import role_clients
 from actors.prompts import load_prompts
 from actors.protocol import APIError
 from actors.schemas import Conversation, Skipped, StepChecked, ThinkJob, ThreadEnded, UsageLedger, VerdictStatus
-from actors.serving import ChatServing
+from actors.serving_chat import ChatServing
 from actors.thinking import RequestThinking
 from actors.validation import StepValidator, ValidationBatches
 from tests.support import sim_config

@@ -13,7 +13,7 @@ from actors.pipeline import NothingToFuse
 from actors.prompts import load_prompts
 from actors.protocol import APIError, ChatCompletion
 from actors.schemas import UsageLedger
-from actors.serving import ChatServing
+from actors.serving_chat import ChatServing
 from actors.thinking import RequestThinking
 from actors.validation import StepValidator, ValidationBatches
 from tests.simulated_upstream import Rule
