@@ -181,6 +181,11 @@ class LimitsConfig(_Strict):
 class ServiceConfig(_Strict):
     prompts: str = "en"
     show_reasoning: bool = True
+    # The names chat completions give the reasoning (message and delta): DeepSeek's and vLLM's
+    # `reasoning_content`, and vLLM's and OpenRouter's `reasoning`.
+    reasoning_fields: tuple[Literal["reasoning_content", "reasoning"], ...] = Field(
+        ("reasoning_content", "reasoning"), min_length=1
+    )
     # SSE comment lines during silent phases, so proxies and clients don't drop the stream.
     stream_keepalive_s: float = Field(10.0, gt=0)
     models: dict[Role, ModelConfig]

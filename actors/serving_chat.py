@@ -41,11 +41,19 @@ class ChatServing(Serving):
     async def complete(self, prepared: Prepared) -> ChatCompletion:
         """A JSON reply: the whole run, then one body."""
         reply, run = await self.whole(prepared)
-        return ChatRender(prepared).completion(reply, run, self.extension(prepared, run))
+        return self.render(prepared).completion(reply, run, self.extension(prepared, run))
 
     async def stream(self, prepared: Prepared) -> AsyncIterator[str]:
         """SSE lines, ending in `data: [DONE]` (see `Serving.sse`)."""
-        return await self.sse(prepared, ChatRender(prepared))
+        return await self.sse(prepared, self.render(prepared))
+
+    def render(self, prepared: Prepared) -> ChatRender:
+        return ChatRender(prepared, self.config.reasoning_fields)
+
+    @staticmethod
+    def encode(completion: ChatCompletion) -> str:
+        # exclude_unset: the reasoning and tool calls only when there are any (see `completion`).
+        return completion.model_dump_json(exclude_unset=True)
 
 
 def chat_ask(chat: ChatCompletionRequest) -> Ask:
@@ -77,10 +85,14 @@ def usage_of(usage: UsageLedger) -> Usage:
 class ChatRender:
     """One chat reply's wire form: the JSON body, or the chunks of its stream."""
 
-    def __init__(self, prepared: Prepared) -> None:
+    def __init__(self, prepared: Prepared, reasoning_fields: tuple[str, ...] = ("reasoning_content",)) -> None:
         self.prepared = prepared
         self.chat: ChatCompletionRequest = prepared.request
         self.id = f"chatcmpl-{prepared.request_id}"
+        self.reasoning_fields = reasoning_fields  # the names the reasoning goes under
+
+    def _reasoning(self, text: str) -> dict[str, str]:
+        return dict.fromkeys(self.reasoning_fields, text)
 
     # --- JSON --------------------------------------------------------------------------------
 
@@ -92,7 +104,8 @@ class ChatRender:
             role="assistant", content=content if content or not reply.tool_calls else None, refusal=None
         )
         if reply.show_reasoning:
-            message.reasoning_content = reply.reasoning_text
+            for name, text in self._reasoning(reply.reasoning_text).items():
+                setattr(message, name, text)
         if reply.tool_calls:
             message.tool_calls = reply.tool_calls
         choice = Choice(
@@ -121,7 +134,7 @@ class ChatRender:
         answer (never both in one chunk, as reasoning APIs do)."""
         lines = []
         if said.reasoning:
-            lines.append(self.chunk(Delta(reasoning_content=said.reasoning)))
+            lines.append(self.chunk(Delta(**self._reasoning(said.reasoning))))
         if said.text or said.tool_calls or said.logprobs:
             delta = Delta(content=said.text) if said.text else Delta()
             if said.tool_calls:

@@ -405,8 +405,9 @@ async def test_a_completion_has_the_openai_shape_and_exact_usage(rig, upstream):
     [choice] = body["choices"]
     assert (choice["index"], choice["finish_reason"], choice["logprobs"]) == (0, "stop", None)
     message = choice["message"]
-    assert set(message) == {"role", "content", "reasoning_content", "refusal"}
+    assert set(message) == {"role", "content", "reasoning_content", "reasoning", "refusal"}
     assert (message["role"], message["content"], message["refusal"]) == ("assistant", ANSWER, None)
+    assert message["reasoning"] == message["reasoning_content"]  # vLLM's and OpenRouter's name too
     lines = message["reasoning_content"].splitlines()
     for thread in (1, 2):
         for step in (1, 2):
@@ -497,6 +498,14 @@ async def test_the_economy_profile_answers_alike_for_fewer_tokens(rig, upstream)
     assert totals["token-killer"][1] < totals["token-killer-classic"][1]
 
 
+async def test_the_reasoning_goes_under_the_configured_names(http_session, upstream):
+    rig = Rig(http_session, upstream, reasoning_fields=["reasoning"])
+    message = json.loads((await rig.complete()).model_dump_json(exclude_unset=True))["choices"][0]["message"]
+    assert "reasoning_content" not in message and "[thread 1 · step 1]" in message["reasoning"]
+    deltas = [c["choices"][0]["delta"] for c in chunks(await rig.stream())[1:-1]]
+    assert {key for delta in deltas for key in delta} == {"reasoning", "content"}
+
+
 async def test_hidden_reasoning_is_left_out_of_the_reply(rig):
     body = json.loads((await rig.complete(include_reasoning=False)).model_dump_json(exclude_unset=True))
     assert "reasoning_content" not in body["choices"][0]["message"]
@@ -556,7 +565,9 @@ async def test_a_stream_has_the_openai_shape(rig, upstream):
         assert chunk["usage"] is None and len(chunk["choices"]) == 1
     for chunk in middle:
         delta = chunk["choices"][0]["delta"]
-        assert len(delta) == 1 and set(delta) <= {"content", "reasoning_content"}  # never both in one chunk
+        # Never reasoning and answer in one chunk; the reasoning under both names.
+        assert set(delta) in ({"content"}, {"reasoning_content", "reasoning"})
+        assert delta.get("reasoning") == delta.get("reasoning_content")
     assert last_choice["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in middle)
     assert content == ANSWER
