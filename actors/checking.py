@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from actors.config import RunSettings, ServiceConfig, SettingsError, request_settings
+from actors.config import LimitsConfig, RunSettings, ServiceConfig, SettingsError, merge_settings, request_settings
 from actors.fusion import MIN_ANSWER_TOKENS
 from actors.model_client import DEFAULT_TOKENS_PER_CHAR, prompt_chars
 from actors.pipeline import RunPlan
@@ -35,6 +35,10 @@ class Ask:
     include_reasoning: bool | None = None
     user: str | None = None  # for the log: the client's user or safety identifier
     metadata: dict[str, str] | None = None
+    # How hard to think (the Responses API's `reasoning.effort`): scales the profile's depth.
+    effort: str | None = None
+    # Over the limits, drop the oldest turns instead of refusing (the Responses API's `truncation`).
+    truncate: bool = False
     # The client's names for the fields an error may name, where they differ from chat's
     # ("messages" is "input" in the Responses API).
     names: Mapping[str, str] = field(default_factory=dict)
@@ -59,9 +63,12 @@ def plan_run(config: ServiceConfig, prompts: PromptSet, ask: Ask, request_id: st
     profile = config.profile_settings.get(ask.model)
     if profile is None:
         raise unknown_model(config, ask.model)
-    _enforce_limits(config, ask)
+    ask = replace(ask, messages=_within_limits(config, ask))
+    overrides = ask.overrides
+    if ask.effort is not None:  # what the client sets itself wins over what the effort implies
+        overrides = merge_settings(effort_overrides(profile, ask.effort, limits), overrides or {})
     try:
-        settings = request_settings(profile, ask.overrides, limits)
+        settings = request_settings(profile, overrides, limits)
     except SettingsError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
     answer = AnswerSpec(ask.answer)
@@ -89,17 +96,59 @@ def plan_run(config: ServiceConfig, prompts: PromptSet, ask: Ask, request_id: st
     )
 
 
-def _enforce_limits(config: ServiceConfig, ask: Ask) -> None:
+def effort_overrides(profile: RunSettings, effort: str, limits: LimitsConfig) -> dict[str, Any]:
+    """How deep a reasoning effort thinks, relative to the profile (`medium` is the profile as
+    it is), within the service's ceilings: none/minimal one thread of one step, unvalidated;
+    low half the threads and steps; high twice the steps; xhigh/max twice both."""
+    threads, steps = profile.thinking.num_threads, profile.thinking.max_steps
+
+    def more(value: int, ceiling: int) -> int:
+        return max(value, min(2 * value, ceiling))
+
+    if effort in ("none", "minimal"):
+        return {"thinking": {"num_threads": 1, "max_steps": 1}, "validation": {"enabled": False}}
+    if effort == "low":
+        return {"thinking": {"num_threads": -(-threads // 2), "max_steps": -(-steps // 2)}}
+    if effort == "high":
+        return {"thinking": {"max_steps": more(steps, limits.max_steps)}}
+    if effort in ("xhigh", "max"):
+        deeper = {"num_threads": more(threads, limits.max_threads), "max_steps": more(steps, limits.max_steps)}
+        return {"thinking": deeper}
+    return {}
+
+
+def _within_limits(config: ServiceConfig, ask: Ask) -> list[ChatMessage]:
+    """The messages, or an APIError when they exceed the limits. With `ask.truncate`, the
+    oldest turns are dropped until they fit (system and developer text, and the question with
+    what follows it, are kept)."""
     limits = config.limits
+    messages = list(ask.messages)
+
+    def fits() -> bool:
+        return len(messages) <= limits.max_messages and sum(len(m.text()) for m in messages) <= limits.max_total_chars
+
+    if ask.truncate:
+        question = max(i for i, m in enumerate(messages) if m.role == "user")
+        oldest = 0
+        while not fits() and oldest < question:
+            if messages[oldest].role in ("system", "developer"):
+                oldest += 1
+                continue
+            del messages[oldest]
+            question -= 1
+            # A tool result whose call was dropped goes with it.
+            while oldest < question and messages[oldest].role == "tool":
+                del messages[oldest]
+                question -= 1
     param = ask.name("messages")
-    if len(ask.messages) > limits.max_messages:
+    if len(messages) > limits.max_messages:
         raise APIError(
             400,
-            f"Too many messages: {len(ask.messages)}; this service takes at most {limits.max_messages}.",
+            f"Too many messages: {len(messages)}; this service takes at most {limits.max_messages}.",
             param=param,
             code="too_many_messages",
         )
-    total = sum(len(m.text()) for m in ask.messages)
+    total = sum(len(m.text()) for m in messages)
     if total > limits.max_total_chars:
         raise APIError(
             400,
@@ -107,6 +156,7 @@ def _enforce_limits(config: ServiceConfig, ask: Ask) -> None:
             param=param,
             code="context_length_exceeded",
         )
+    return messages
 
 
 def conversation_of(prompts: PromptSet, ask: Ask) -> Conversation:

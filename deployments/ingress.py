@@ -1,6 +1,8 @@
-"""Ingress deployment: the OpenAI API's routes, and the pipeline bound to the deployment handles.
+"""Ingress deployment: the OpenAI API's routes (chat completions, responses), and the pipeline
+bound to the deployment handles.
 
-Replies are built by `actors/serving.py` and its wire formats; errors of every kind leave in the OpenAI shape.
+Replies are built by `actors/serving.py` and its two wire formats (`serving_chat.py`,
+`serving_responses.py`); errors of every kind leave in the OpenAI shape.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at import time.
@@ -24,6 +26,7 @@ from actors.protocol import APIError
 from actors.schemas import FusionDelta, FusionJob, ThinkJob, ThinkUpdate
 from actors.serving import Prepared, internal_error
 from actors.serving_chat import ChatServing
+from actors.serving_responses import ResponsesServing
 from deployments.handles import call_with_retries, stream_with_retries
 from deployments.metrics import ServiceMetrics
 from deployments.replica import start_process_care
@@ -112,15 +115,16 @@ class Ingress:
         self.thinker = thinker
         self.fuser_stream = fuser.options(stream=True)
         self.fuser = fuser
-        self.serving = ChatServing(
-            config,
-            prompts,
-            think_stream=self._think_stream,
-            think_whole=self._think_whole,
-            fuse_stream=self._fuse_stream,
-            fuse_whole=self._fuse_whole,
-            on_finish=self._finished,
-        )
+        # The two wire formats, over the same stages.
+        stages = {
+            "think_stream": self._think_stream,
+            "think_whole": self._think_whole,
+            "fuse_stream": self._fuse_stream,
+            "fuse_whole": self._fuse_whole,
+            "on_finish": self._finished,
+        }
+        self.serving = ChatServing(config, prompts, **stages)
+        self.responses_serving = ResponsesServing(config, prompts, **stages)
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -136,19 +140,38 @@ class Ingress:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(self, request: Request):
+        return await self._reply(self.serving, request)
+
+    @app.post("/v1/responses", dependencies=[Depends(authorized)])
+    async def responses(self, request: Request):
+        return await self._reply(self.responses_serving, request)
+
+    @app.api_route(
+        "/v1/responses/{response_id:path}", methods=["GET", "POST", "DELETE"], dependencies=[Depends(authorized)]
+    )
+    async def stored_response(self, response_id: str):
+        raise APIError(
+            404,
+            f"No response '{response_id}' is stored here: this service is stateless (store: false) and keeps "
+            "no responses to fetch, cancel, delete or compact.",
+            code="not_found",
+        )
+
+    async def _reply(self, serving: ChatServing | ResponsesServing, request: Request):
+        """Either wire format: checked, admitted, then a JSON body or an SSE stream."""
         raw = await _read_body(request, self.limits.max_body_bytes)
         request_id = _request_id()
         bind_request(request_id)
-        prepared = self.serving.prepare(raw, request_id)
+        prepared = serving.prepare(raw, request_id)
         release = self._admit()
         if not prepared.ask.stream:
             try:
-                completion = await self.serving.complete(prepared)
+                body = await serving.complete(prepared)
             finally:
                 release()
-            return Response(completion.model_dump_json(exclude_unset=True), media_type="application/json")
+            return Response(serving.encode(body), media_type="application/json")
         try:
-            lines = await self.serving.stream(prepared)
+            lines = await serving.stream(prepared)
         except BaseException:
             release()
             raise

@@ -119,19 +119,20 @@ def deploy(applications: list[dict]) -> None:
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": applications}), _blocking=True)
 
 
+# Room for a Codex request (about 40 KB, 20,000 characters of instructions), still small
+# enough for the bad-input tests to go over at little cost.
+LIMITS = {
+    "max_body_bytes": 200_000,
+    "max_messages": 50,
+    "max_total_chars": 50_000,
+    "max_in_flight": 24,
+    "retry_after_s": 2,
+    "fusion_reserve_s": 0.5,
+}
+
+
 def service_config(base_url: str) -> dict:
-    config = sim_config_dict(
-        base_url,
-        stream_keepalive_s=0.2,
-        limits={
-            "max_body_bytes": 20_000,
-            "max_messages": 50,
-            "max_total_chars": 10_000,
-            "max_in_flight": 24,
-            "retry_after_s": 2,
-            "fusion_reserve_s": 0.5,
-        },
-    )
+    config = sim_config_dict(base_url, stream_keepalive_s=0.2, limits=LIMITS)
     for model in config["models"].values():  # every upstream call carries a (fake) key, and costs
         model["api_key_env"] = "TK_TEST_UPSTREAM_KEY"
         model["price"] = {"input": 1.0, "cached_input": 0.5, "output": 2.0}

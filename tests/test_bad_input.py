@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import SERVICE_KEY
+from tests.conftest import LIMITS, SERVICE_KEY
 
 pytestmark = pytest.mark.serve
 
@@ -90,12 +90,18 @@ CASES = [
     ("too-many-messages", body(messages=[USER] * 51), 400, "messages", "too_many_messages"),
     (
         "too-many-characters",
-        body(messages=[{"role": "user", "content": "x" * 10_001}]),
+        body(messages=[{"role": "user", "content": "x" * (LIMITS["max_total_chars"] + 1)}]),
         400,
         "messages",
         "context_length_exceeded",
     ),
-    ("body-too-large", body(messages=[{"role": "user", "content": "x" * 25_000}]), 413, None, "request_too_large"),
+    (
+        "body-too-large",
+        body(messages=[{"role": "user", "content": "x" * (LIMITS["max_body_bytes"] + 1)}]),
+        413,
+        None,
+        "request_too_large",
+    ),
     # Fields that would shape the answer and cannot be honoured: refused, naming them.
     ("unknown-field", body(frobnicate=True), 400, "frobnicate", None),
     ("audio-output", body(audio={"voice": "alloy", "format": "wav"}), 400, "audio", "unsupported_parameter"),
