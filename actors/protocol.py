@@ -224,8 +224,8 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-def parse_request(raw: bytes) -> ChatCompletionRequest:
-    """Bytes from the wire to a validated request, or an APIError saying what is wrong."""
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object (of either wire format), or an APIError saying why not."""
     try:
         body = json.loads(raw)
     except UnicodeDecodeError as exc:
@@ -234,6 +234,12 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         raise APIError(400, f"We could not parse the JSON body of your request: {exc.msg}.") from exc
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    return body
+
+
+def parse_request(raw: bytes) -> ChatCompletionRequest:
+    """Bytes from the wire to a validated request, or an APIError saying what is wrong."""
+    body = json_object(raw)
     try:
         chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:

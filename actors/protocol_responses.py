@@ -10,13 +10,12 @@ carries the whole conversation, and nothing is stored to be fetched later.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from actors.protocol import APIError, unsupported
+from actors.protocol import APIError, json_object, unsupported
 
 # strict: JSON types as OpenAI checks them; extra="forbid": a field we would otherwise drop
 # silently is refused, naming it.
@@ -240,15 +239,7 @@ class ResponsesCall:
 def parse_responses_request(raw: bytes) -> ResponsesCall:
     """Bytes from the wire to a validated request, or an APIError saying what is wrong (naming
     the field, e.g. `input[2].content[0].type`)."""
-    try:
-        body = json.loads(raw)
-    except UnicodeDecodeError as exc:
-        raise APIError(400, f"Request body is not valid UTF-8: {exc.reason}.") from exc
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"We could not parse the JSON body of your request: {exc.msg}.") from exc
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    request = _validated(ResponsesRequest, body, "")
+    request = _validated(ResponsesRequest, json_object(raw), "")
     _refuse_unsupported(request)
     if isinstance(request.input, str):
         items: list[InputItem] = [InputMessage(role="user", content=request.input)]
