@@ -271,7 +271,9 @@ def codex_binary() -> Path | None:
     return binary
 
 
-def test_codex_exec_answers_through_the_service(service, sim, tmp_path):
+@pytest.fixture
+def codex(service, tmp_path):
+    """`codex exec` with a custom provider pointed at the service, HOME in a temporary directory."""
     binary = codex_binary()
     if binary is None:
         pytest.skip("npm is not installed")
@@ -279,34 +281,57 @@ def test_codex_exec_answers_through_the_service(service, sim, tmp_path):
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "CODEX_HOME": str(home), "TK_CODEX_KEY": SERVICE_KEY}
     provider = "model_providers.tokenkiller"
-    command = [
-        str(binary),
-        "exec",
-        "--skip-git-repo-check",
-        "-c",
-        "model_provider=tokenkiller",
-        "-c",
-        f'{provider}.name="Token Killer"',
-        "-c",
-        f'{provider}.base_url="{service}/v1"',
-        "-c",
-        f'{provider}.env_key="TK_CODEX_KEY"',
-        "-c",
-        f'{provider}.wire_api="responses"',
-        "-m",
-        MODEL,
-        QUESTION,
-    ]
+    settings = {
+        "model_provider": "tokenkiller",
+        f"{provider}.name": '"Token Killer"',
+        f"{provider}.base_url": f'"{service}/v1"',
+        f"{provider}.env_key": '"TK_CODEX_KEY"',
+        f"{provider}.wire_api": '"responses"',
+    }
+    options = [part for key, value in settings.items() for part in ("-c", f"{key}={value}")]
 
-    done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL
-    )
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [str(binary), "exec", *args[:-1], "--skip-git-repo-check", *options, "-m", MODEL, args[-1]]
+        done = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL
+        )
+        print(f"$ codex exec {' '.join(args)}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
 
-    print(f"codex exec printed, stdout:\n{done.stdout}\nstderr:\n{done.stderr}")
-    assert done.returncode == 0, done.stderr[-2000:]
+    return run
+
+
+def test_codex_exec_answers_through_the_service(codex, sim):
+    done = codex(QUESTION)
+
     assert ANSWER in done.stdout
-    # It spoke the Responses API: its tools reached the fuser (functions only), its question
-    # the thinkers.
+    assert "[thread 1 · step 1]" in done.stderr  # the threads' steps, shown as Codex's reasoning
+    # It spoke the Responses API: its function tools reached the fuser (its namespace and
+    # web_search tools did not), its question the thinkers.
     [fuser] = fuser_calls(sim)
-    assert fuser.request["tools"] and all(t["type"] == "function" for t in fuser.request["tools"])
+    names = [t["function"]["name"] for t in fuser.request["tools"]]
+    assert "exec_command" in names and all(t["type"] == "function" for t in fuser.request["tools"])
     assert any(QUESTION in json.dumps(r.messages) for r in sim.records if r.model == "sim-thinker")
+
+
+def test_codex_runs_a_tool_the_answer_calls_and_resumes_the_session(codex, sim):
+    """The answer calls Codex's shell tool; Codex runs it and sends its output back; then a
+    follow-up in the same session sends the earlier turns back as items."""
+    sim.add_rule(Rule(model="sim-fuser", tool_call={"name": "exec_command", "arguments": {"cmd": "echo hi"}}, times=1))
+
+    done = codex("Say hi with the shell.")
+
+    assert ANSWER in done.stdout
+    first, second = fuser_calls(sim)
+    [asked] = [m for m in second.messages if m.get("tool_calls")]
+    call_id = asked["tool_calls"][0]["id"]
+    assert asked["tool_calls"][0]["function"]["name"] == "exec_command"
+    [result] = [m for m in second.messages if m["role"] == "tool" and m["tool_call_id"] == call_id]
+    assert "hi" in result["content"]  # what `echo hi` printed on this machine
+
+    codex("resume", "--last", "And once more?")
+
+    latest = fuser_calls(sim)[-1].messages
+    earlier = latest.index({"role": "assistant", "content": ANSWER})  # its earlier answer, sent back
+    assert latest.index({"role": "user", "content": "And once more?"}) > earlier
