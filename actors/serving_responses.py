@@ -346,8 +346,8 @@ class ResponsesRender:
                 item.status = "in_progress"
                 self.calls[piece.get("index", 0)] = item
                 out.append(self._open(item))
-            elif function.get("name"):
-                item.name += function["name"]
+            elif function.get("name") and not item.name:  # as merge_tool_calls: the first name given
+                item.name = function["name"]
             if function.get("arguments"):
                 item.arguments += function["arguments"]
                 out.append(self._item_event("response.function_call_arguments.delta", delta=function["arguments"]))
