@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.config import LimitsConfig, RunSettings, ServiceConfig, SettingsError, merge_settings, request_settings
 from actors.fusion import MIN_ANSWER_TOKENS
@@ -20,6 +20,9 @@ from actors.pipeline import RunPlan
 from actors.prompts import PromptSet, fuser_messages, render_tools, role_messages
 from actors.protocol import APIError, ChatMessage
 from actors.schemas import AnswerSpec, Conversation
+
+if TYPE_CHECKING:
+    from actors.admission import Grant
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,11 @@ def unknown_model(config: ServiceConfig, model_id: str) -> APIError:
     )
 
 
-def plan_run(config: ServiceConfig, prompts: PromptSet, ask: Ask, request_id: str) -> RunPlan:
-    """The run a request asks for, or an APIError saying why it cannot have it."""
+def plan_run(
+    config: ServiceConfig, prompts: PromptSet, ask: Ask, request_id: str, grant: Grant | None = None
+) -> RunPlan:
+    """The run a request asks for, or an APIError saying why it cannot have it. `grant`: what the
+    client's key allows (its profiles, the tokens it has left)."""
     limits = config.limits
     profile = config.profile_settings.get(ask.model)
     if profile is None:
@@ -71,6 +77,8 @@ def plan_run(config: ServiceConfig, prompts: PromptSet, ask: Ask, request_id: st
         settings = request_settings(profile, overrides, limits)
     except SettingsError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
+    if grant is not None:
+        settings = grant.settings(ask.model, settings)
     answer = AnswerSpec(ask.answer)
     if settings.fusion.strategy != "intelligent" and answer.structured:
         param = ask.name("tool_choice" if answer.tools_required else "response_format")
@@ -81,7 +89,10 @@ def plan_run(config: ServiceConfig, prompts: PromptSet, ask: Ask, request_id: st
             param=param,
         )
     conversation = conversation_of(prompts, ask)
-    fusion_tokens = _check_budget(config, prompts, settings, conversation, answer)
+    try:
+        fusion_tokens = _check_budget(config, prompts, settings, conversation, answer)
+    except APIError as exc:
+        raise (grant.budget_error(exc, settings) if grant else exc) from None
     seconds = min(ask.deadline_s or limits.deadline_s, limits.deadline_s)
     deadline = time.time() + seconds
     return RunPlan(

@@ -178,6 +178,34 @@ class LimitsConfig(_Strict):
     max_budget_tokens: int = Field(2_000_000, gt=0)
 
 
+class SqliteStoreConfig(_Strict):
+    """The embedded spend store: one file, shared by the Ingress replicas of one machine."""
+
+    kind: Literal["sqlite"] = "sqlite"
+    # Relative paths are taken from the repository's root.
+    path: str = ".data/spend.sqlite3"
+
+
+class PostgresStoreConfig(_Strict):
+    """The server spend store, for Ingress replicas on more than one machine."""
+
+    kind: Literal["postgres"]
+    # The environment variable holding the libpq connection string (it may carry a password).
+    dsn_env: str = "TOKEN_KILLER_SPEND_DSN"
+
+
+class KeysConfig(_Strict):
+    """Client keys with identities and limits (actors/keys.py), and where their spend is kept."""
+
+    # The keys file (hashes only; README "Keys and spend"); null: only TOKEN_KILLER_API_KEYS.
+    file: str | None = None
+    store: SqliteStoreConfig | PostgresStoreConfig = Field(SqliteStoreConfig(), discriminator="kind")
+    # How often each Ingress replica writes its spend to the store and reads everyone's back.
+    sync_interval_s: float = Field(1.0, gt=0, le=60)
+    # How long a request of a key under its fair share waits for a slot of a full replica.
+    admission_wait_s: float = Field(5.0, ge=0)
+
+
 class ServiceConfig(_Strict):
     prompts: str = "en"
     show_reasoning: bool = True
@@ -198,6 +226,7 @@ class ServiceConfig(_Strict):
     profiles: dict[str, dict[str, Any]] = Field(default_factory=lambda: {DEFAULT_PROFILE: {}})
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = LimitsConfig()
+    keys: KeysConfig = KeysConfig()
     # From the environment only (TOKEN_KILLER_API_KEYS), never from the YAML file.
     service_api_keys: tuple[SecretStr, ...] = Field((), exclude=True)
     # Filled in by the validator below: each profile's complete settings.

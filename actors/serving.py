@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -40,6 +40,9 @@ from actors.schemas import (
 )
 from actors.streams import batches
 
+if TYPE_CHECKING:
+    from actors.admission import Grant
+
 log = structlog.get_logger(__name__)
 
 FUSER_ROLE = "fuser"
@@ -60,6 +63,7 @@ class Prepared:
     request: Any  # the request as its wire format parsed it, for the rendering
     plan: RunPlan
     show_reasoning: bool
+    key_id: str | None = None  # the client key's id (never the key), when the service has keys
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
 
@@ -134,11 +138,12 @@ class Serving:
 
     # --- checking a request ------------------------------------------------------------------
 
-    def check(self, ask: Ask, request_id: str, request: Any) -> Prepared:
-        """Everything that can fail fast fails here, before any upstream call."""
-        plan = plan_run(self.config, self.prompts, ask, request_id)
+    def check(self, ask: Ask, request_id: str, request: Any, grant: Grant | None = None) -> Prepared:
+        """Everything that can fail fast fails here, before any upstream call. `grant`: what the
+        client's key allows."""
+        plan = plan_run(self.config, self.prompts, ask, request_id, grant)
         show = self.config.show_reasoning if ask.include_reasoning is None else ask.include_reasoning
-        return Prepared(request_id, ask, request, plan, show)
+        return Prepared(request_id, ask, request, plan, show, key_id=grant.key_id if grant else None)
 
     # --- replying ----------------------------------------------------------------------------
 
@@ -244,6 +249,7 @@ class Serving:
         fusion = stats.fusion or FusionDelta()
         return {
             "profile": prepared.profile,
+            "key_id": prepared.key_id,
             "usage_by_role": usage_by_role(stats.usage),
             "calls_aborted": stats.usage.aborted_calls,
             "cost": cost(stats.usage) if self.priced else None,
@@ -271,6 +277,7 @@ class Serving:
             "request_complete",
             request_id=prepared.request_id,
             profile=prepared.profile,
+            key_id=prepared.key_id,
             outcome=outcome,
             stream=prepared.ask.stream,
             elapsed_s=round(time.monotonic() - prepared.started, 3),

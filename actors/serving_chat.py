@@ -9,7 +9,7 @@ The schema is `actors/protocol.py`'s.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.checking import Ask
 from actors.pipeline import DeepThinkingRun
@@ -31,12 +31,15 @@ from actors.protocol import (
 from actors.schemas import UsageLedger
 from actors.serving import Prepared, Reply, Said, Serving, reasoning_tokens
 
+if TYPE_CHECKING:
+    from actors.admission import Grant
+
 
 class ChatServing(Serving):
-    def prepare(self, raw: bytes, request_id: str) -> Prepared:
+    def prepare(self, raw: bytes, request_id: str, grant: Grant | None = None) -> Prepared:
         """Everything that can fail fast fails here, before any upstream call."""
         chat = parse_request(raw)
-        return self.check(chat_ask(chat), request_id, chat)
+        return self.check(chat_ask(chat), request_id, chat, grant)
 
     async def complete(self, prepared: Prepared) -> ChatCompletion:
         """A JSON reply: the whole run, then one body."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.checking import Ask
 from actors.pipeline import DeepThinkingRun
@@ -46,16 +46,19 @@ from actors.protocol_responses import (
 from actors.schemas import UsageLedger
 from actors.serving import Prepared, Reply, Said, Serving, reasoning_tokens
 
+if TYPE_CHECKING:
+    from actors.admission import Grant
+
 # The client's names for what errors may name, where chat's differ.
 NAMES = {"messages": "input", "response_format": "text.format"}
 LOGPROBS = "message.output_text.logprobs"
 
 
 class ResponsesServing(Serving):
-    def prepare(self, raw: bytes, request_id: str) -> Prepared:
+    def prepare(self, raw: bytes, request_id: str, grant: Grant | None = None) -> Prepared:
         """Everything that can fail fast fails here, before any upstream call."""
         call = parse_responses_request(raw)
-        return self.check(responses_ask(call), request_id, call)
+        return self.check(responses_ask(call), request_id, call, grant)
 
     async def complete(self, prepared: Prepared) -> Response:
         """A JSON reply: the whole run, then one `response` object."""

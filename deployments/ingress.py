@@ -8,7 +8,7 @@ Replies are built by `actors/serving.py` and its two wire formats (`serving_chat
 # No `from __future__ import annotations`: FastAPI reads the route signatures at import time.
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from fastapi import Depends, FastAPI, Request
@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.admission import InFlightLimit, check_bearer
+from actors.admission import Grant, open_gate
 from actors.config import ServiceConfig
 from actors.log_setup import bind_request
 from actors.pipeline import DeepThinkingRun
@@ -83,9 +83,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def authorized(request: Request) -> None:
-    """Service keys (TOKEN_KILLER_API_KEYS), on every /v1 route. Async: FastAPI would run a
-    plain function in a thread pool, a thread hop per request."""
-    check_bearer(request.headers.get("authorization"), request.app.state.service_keys)
+    """The client's key (keys file, TOKEN_KILLER_API_KEYS), on every /v1 route. Async: FastAPI
+    would run a plain function in a thread pool, a thread hop per request."""
+    request.state.key = request.app.state.gate.authenticate(request.headers.get("authorization"))
 
 
 # Defined before the deployment: Serve captures the class (and what it refers to) when it is
@@ -105,9 +105,10 @@ class Ingress:
         self, config: ServiceConfig, prompts: PromptSet, thinker: DeploymentHandle, fuser: DeploymentHandle
     ) -> None:
         self._care = start_process_care()
-        app.state.service_keys = config.service_api_keys
         self.limits = config.limits
-        self.in_flight = InFlightLimit(config.limits.max_in_flight, config.limits.retry_after_s)
+        # Keys, their limits and spend, the replica's slots (actors/admission.py).
+        self.gate = await open_gate(config.keys, config.limits, [k.get_secret_value() for k in config.service_api_keys])
+        app.state.gate = self.gate
         self.metrics = ServiceMetrics()
         # Handles made once. One call thinks a whole request and one fuses it: streamed for SSE
         # clients, whole (one message each way) for JSON clients.
@@ -159,11 +160,15 @@ class Ingress:
 
     async def _reply(self, serving: ChatServing | ResponsesServing, request: Request):
         """Either wire format: checked, admitted, then a JSON body or an SSE stream."""
-        raw = await _read_body(request, self.limits.max_body_bytes)
-        request_id = _request_id()
-        bind_request(request_id)
-        prepared = serving.prepare(raw, request_id)
-        release = self._admit()
+        grant, release = await self._admit(request.state.key)
+        try:
+            raw = await _read_body(request, self.limits.max_body_bytes)
+            request_id = _request_id()
+            bind_request(request_id)
+            prepared = serving.prepare(raw, request_id, grant)
+        except BaseException:
+            release()
+            raise
         if not prepared.ask.stream:
             try:
                 body = await serving.complete(prepared)
@@ -181,16 +186,23 @@ class Ingress:
             _released(lines, release), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
-    def _admit(self):
-        """A slot among `limits.max_in_flight` (or an immediate 503), and how to give it back."""
-        ticket = self.in_flight.enter()
-        self.metrics.in_flight.set(self.in_flight.current)
+    async def _admit(self, key) -> tuple[Grant, Callable[[], None]]:
+        """The key's limits and a slot among `limits.max_in_flight` (or 429 / 503), and how to
+        give the slot back."""
+        slots = self.gate.slots
+        try:
+            grant, slot = await self.gate.admit(key)
+        except APIError as exc:
+            self.metrics.key_request(key.id if key else None, exc.code or "refused")
+            raise
+        self.metrics.key_request(grant.key_id, "admitted")
+        self.metrics.in_flight.set(slots.current)
 
         def release() -> None:
-            ticket.release()
-            self.metrics.in_flight.set(self.in_flight.current)
+            slot.release()
+            self.metrics.in_flight.set(slots.current)
 
-        return release
+        return grant, release
 
     # --- the pipeline's stages, bound to the handles --------------------------------------------
 
@@ -207,4 +219,9 @@ class Ingress:
         yield await call_with_retries(lambda: self.fuser.answer.remote(job))
 
     def _finished(self, prepared: Prepared, run: DeepThinkingRun, outcome: str) -> None:
-        self.metrics.request_done(prepared.profile, run.stats)
+        usage = run.stats.usage
+        self.gate.record(prepared.key_id, usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
+        self.metrics.request_done(prepared.profile, run.stats, prepared.key_id)
+
+    async def __del__(self) -> None:
+        await self.gate.close()

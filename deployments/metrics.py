@@ -12,6 +12,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from actors.pipeline import RunStats
 from actors.schemas import Verdict
 
+# The `key` label of requests to a service without keys.
+NO_KEY = "none"
 _LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60]
 _PHASE_BOUNDARIES_S = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300]
 
@@ -28,12 +30,19 @@ class ServiceMetrics:
             tag_keys=("role",),
         )
         self.tokens = Counter(
-            "tk_tokens", description="Tokens the upstreams reported, by role and kind.", tag_keys=("role", "kind")
+            "tk_tokens",
+            description="Tokens the upstreams reported, by role, kind and client key id.",
+            tag_keys=("role", "kind", "key"),
         )
         self.cost = Counter(
             "tk_cost_usd",
             description="What the upstreams billed, in USD at the configured prices.",
-            tag_keys=("profile",),
+            tag_keys=("profile", "key"),
+        )
+        self.key_requests = Counter(
+            "tk_key_requests",
+            description="Requests by client key id: admitted, or the error code that refused them.",
+            tag_keys=("key", "outcome"),
         )
         self.verdicts = Counter(
             "tk_validation_verdicts", description="Step validation verdicts.", tag_keys=("verdict",)
@@ -55,16 +64,20 @@ class ServiceMetrics:
     def verdict(self, verdict: Verdict) -> None:
         self.verdicts.inc(tags={"verdict": verdict.status.value})
 
-    def request_done(self, profile: str, stats: RunStats) -> None:
+    def key_request(self, key_id: str | None, outcome: str) -> None:
+        self.key_requests.inc(tags={"key": key_id or NO_KEY, "outcome": outcome})
+
+    def request_done(self, profile: str, stats: RunStats, key_id: str | None = None) -> None:
+        key = key_id or NO_KEY
         for role, usage in stats.usage.roles.items():
             if usage.prompt_tokens:
-                self.tokens.inc(usage.prompt_tokens, tags={"role": role, "kind": "prompt"})
+                self.tokens.inc(usage.prompt_tokens, tags={"role": role, "kind": "prompt", "key": key})
             if usage.cached_tokens:
-                self.tokens.inc(usage.cached_tokens, tags={"role": role, "kind": "cached_prompt"})
+                self.tokens.inc(usage.cached_tokens, tags={"role": role, "kind": "cached_prompt", "key": key})
             if usage.completion_tokens:
-                self.tokens.inc(usage.completion_tokens, tags={"role": role, "kind": "completion"})
+                self.tokens.inc(usage.completion_tokens, tags={"role": role, "kind": "completion", "key": key})
         if stats.usage.cost_usd:
-            self.cost.inc(stats.usage.cost_usd, tags={"profile": profile})
+            self.cost.inc(stats.usage.cost_usd, tags={"profile": profile, "key": key})
         if stats.threads_kept:
             self.threads.inc(stats.threads_kept, tags={"outcome": "kept"})
         if stats.threads_failed:

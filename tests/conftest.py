@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -142,7 +144,10 @@ def service_config(base_url: str) -> dict:
 @pytest.fixture(scope="session")
 def service_apps(serve_http: str, upstream_server: SimulatedUpstream, tmp_path_factory) -> list[dict]:
     """The shipped serve_config.yaml's token-killer application, as deployed for the session."""
-    path = write_config(tmp_path_factory.mktemp("config") / "service.yaml", service_config(upstream_server.base_url))
+    directory = tmp_path_factory.mktemp("config")
+    config = service_config(upstream_server.base_url)
+    config["keys"] = {"store": {"kind": "sqlite", "path": str(directory / "spend.sqlite3")}}  # not the repo's
+    path = write_config(directory / "service.yaml", config)
     port = int(serve_http.rsplit(":", 1)[1])
     env = {"PYTHONPATH": str(ROOT)}  # test-only deployment variants live in tests/
     # Two replicas of each role deployment (the shipped autoscaling starts at one), so that the
@@ -173,6 +178,25 @@ def client(service: str):
     http = httpx.Client(event_hooks={"response": [check]}, timeout=60)
     yield openai.OpenAI(base_url=f"{service}/v1", api_key=SERVICE_KEY, max_retries=0, timeout=60, http_client=http)
     http.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A real PostgreSQL server of the test session's own, on a free port, in a temporary
+    directory (the server store of spend per key)."""
+    from actors.local_postgres import LocalPostgres, PostgresUnavailable
+
+    directory = Path(tempfile.mkdtemp(prefix="tk-postgres-"))  # the server's user must reach it
+    try:
+        server = LocalPostgres(directory, free_port())
+        dsn = server.start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI"):  # CI installs it (.ci/run): missing there is a failure
+            raise
+        pytest.skip(f"PostgreSQL's server programs are not installed here: {exc}")
+    yield dsn
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
