@@ -132,8 +132,12 @@ class Ingress:
         return {"status": "ok"}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
-    async def models(self) -> dict:
-        return self.serving.models().model_dump()
+    async def models(self, request: Request) -> dict:
+        listing = self.serving.models()
+        key = request.state.key
+        if key is not None and key.profiles is not None:  # the profiles this key may use
+            listing.data = [card for card in listing.data if card.id in key.profiles]
+        return listing.model_dump()
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
     async def model(self, model_id: str) -> dict:
