@@ -2,10 +2,12 @@
 
     python -m bench.load --url http://127.0.0.1:PORT --concurrency 16 --duration 20 [--stream]
     python -m bench.load --url ... --concurrency 1000 --requests 1000   # all at once
+    python -m bench.load --url ... --api-key KEY --pause-after-refusal 0.1 --duration 30
 
 `--concurrency` clients each send requests back to back until `--duration` seconds have passed
 (a request started in time is completed), or until `--requests` requests have been started in
-total. Prints one JSON document: per-request records and the measured window.
+total; a client whose request was refused (429, 503) waits `--pause-after-refusal` seconds first.
+Prints one JSON document: per-request records and the measured window.
 """
 
 from __future__ import annotations
@@ -88,10 +90,19 @@ def _error_code(data: bytes) -> str:
 
 
 async def run(
-    url: str, concurrency: int, duration: float | None, requests: int | None, stream: bool, timeout: float, model: str
+    url: str,
+    concurrency: int,
+    duration: float | None,
+    requests: int | None,
+    stream: bool,
+    timeout: float,
+    model: str,
+    api_key: str | None = None,
+    pause_after_refusal: float = 0.0,
 ) -> dict:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout), headers=headers)
     endpoint = url.rstrip("/") + "/v1/chat/completions"
     records: list[dict] = []
     started = 0
@@ -103,6 +114,8 @@ async def run(
         while (deadline is None or time.perf_counter() < deadline) and (requests is None or started < requests):
             started += 1
             records.append(await one_request(session, endpoint, stream, t0, model))
+            if records[-1]["status"] in (429, 503) and pause_after_refusal:
+                await asyncio.sleep(pause_after_refusal)
 
     try:
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -125,11 +138,23 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     parser.add_argument("--model", default="token-killer-classic", help="the profile to ask for")
+    parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--pause-after-refusal", type=float, default=0.0, help="seconds a client waits after a 429/503")
     args = parser.parse_args()
     if args.duration is None and args.requests is None:
         parser.error("give --duration or --requests")
     result = asyncio.run(
-        run(args.url, args.concurrency, args.duration, args.requests, args.stream, args.timeout, args.model)
+        run(
+            args.url,
+            args.concurrency,
+            args.duration,
+            args.requests,
+            args.stream,
+            args.timeout,
+            args.model,
+            args.api_key,
+            args.pause_after_refusal,
+        )
     )
     print(json.dumps(result))
 

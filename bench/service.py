@@ -188,6 +188,7 @@ def start_serve(
     timeout: float = 240.0,
     check_local: bool = False,
     haproxy: bool = True,
+    ready_path: str = "/v1/models",
 ) -> Proc:
     """`serve run` in a Ray instance of its own, with ray.env as `make run` starts it (HTTP
     through HAProxy); `haproxy=False`: plain `serve run`, HTTP through Serve's Python proxy."""
@@ -200,7 +201,7 @@ def start_serve(
         env["TOKEN_KILLER_CONFIG"] = str(app_yaml)
     proc = Proc([str(BIN / "serve"), "run", str(serve_yaml)], WORK / f"serve-{port}.log", env, haproxy_files)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/v1/models", proc.popen, proc.log, timeout)
+        _wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc.popen, proc.log, timeout)
         if check_local:
             _wait_ready(f"http://127.0.0.1:{port}/local/v1/models", proc.popen, proc.log, timeout)
     except BaseException:
