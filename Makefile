@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 
 # Ray started with ray.env (HTTP through HAProxy, a calmer Serve controller); plain
 # `serve run serve_config.yaml` works too, through Serve's Python proxy (README, Performance).
+# `token-killer-keys store-up` starts a local PostgreSQL only when the config's spend store is
+# PostgreSQL and TOKEN_KILLER_SPEND_DSN is unset (README, Keys and spend); otherwise it prints nothing.
 run: setup
-	set -a && . ./ray.env && set +a && RAY_USAGE_STATS_ENABLED=0 $(BIN)/serve run serve_config.yaml
+	eval "$$($(BIN)/token-killer-keys store-up)" && set -a && . ./ray.env && set +a && RAY_USAGE_STATS_ENABLED=0 $(BIN)/serve run serve_config.yaml
 
 # Lint and format checks first (fast), then the whole suite.
 test: setup lint

@@ -77,6 +77,8 @@ class LocalPostgres:
         return self.dsn
 
     def running(self) -> bool:
+        if not (self.data / "PG_VERSION").exists():
+            return False
         try:
             self._run(server_bin("pg_ctl"), "-D", str(self.data), "status")
         except subprocess.CalledProcessError:

@@ -7,9 +7,10 @@ One `serve run` of the shipped serve_config.yaml (with ray.env, as `make run`) o
 upstream (0.2 s a call, the original's shape: 43 calls a request, `token-killer-classic`), with a
 keys file of three keys without limits of their own, spend in SQLite, and `limits.max_in_flight`
 slots. Two polite keys each keep `--polite` requests going (closed loop); the flooder keeps
-`--flood` going and, refused, tries again after 0.1 s (it ignores `Retry-After`; the openai SDK
-would wait it out). Phases alternate, polite keys alone, then with the flooder, twice, and each
-polite key's throughput beside the flooder is compared with its own alone in the phase before.
+`--flood` going and, refused, tries again after `--flood-pause` seconds (0.1 s: it ignores the
+`Retry-After` of 1 s that the openai SDK would wait out). Phases alternate, polite keys alone,
+then with the flooder, twice, and each polite key's throughput beside the flooder is compared
+with its own alone in the phase before.
 
 Then, without Ray: the CPU time of the Ingress's per-request key work (authenticate, limits,
 slot, count the request and its usage, give the slot back) and of one exchange with the store.
@@ -41,13 +42,12 @@ SECTION = "## Keys: two keys beside a flooding one"
 LATENCY_S = 0.2
 KEYS = {"alice": "tk-bench-alice", "bob": "tk-bench-bob", "flood": "tk-bench-flood"}
 POLITE = ("alice", "bob")
-PAUSE_AFTER_REFUSAL_S = 0.1
 
 
-def load(url: str, key: str, concurrency: int, duration: float) -> subprocess.Popen:
+def load(url: str, key: str, concurrency: int, duration: float, pause: float) -> subprocess.Popen:
     args = [sys.executable, "-m", "bench.load", "--url", url, "--model", MODEL, "--api-key", key]
     args += ["--concurrency", str(concurrency), "--duration", str(duration)]
-    args += ["--pause-after-refusal", str(PAUSE_AFTER_REFUSAL_S)]
+    args += ["--pause-after-refusal", str(pause)]
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
@@ -69,9 +69,9 @@ def summarize(result: dict) -> dict:
 
 
 def phase(url: str, flood: bool, args: argparse.Namespace) -> dict[str, dict]:
-    procs = {key_id: load(url, KEYS[key_id], args.polite, args.duration) for key_id in POLITE}
+    procs = {key_id: load(url, KEYS[key_id], args.polite, args.duration, 1.0) for key_id in POLITE}
     if flood:
-        procs["flood"] = load(url, KEYS["flood"], args.flood, args.duration)
+        procs["flood"] = load(url, KEYS["flood"], args.flood, args.duration, args.flood_pause)
     return {key_id: summarize(json.loads(proc.communicate()[0])) for key_id, proc in procs.items()}
 
 
@@ -121,6 +121,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "slots": args.slots,
         "polite": args.polite,
         "flood": args.flood,
+        "flood_pause_s": args.flood_pause,
         "duration_s": args.duration,
         "pairs": [],
     }
@@ -150,7 +151,8 @@ def markdown(results: dict) -> str:
         f"The original's shape (`{MODEL}`, 43 upstream calls a request) on the simulated upstream at "
         f"{LATENCY_S} s a call; one Ingress replica with `limits.max_in_flight: {results['slots']}`; three keys with "
         f"no limits of their own, spend in SQLite. `alice` and `bob` each keep {results['polite']} requests going; "
-        f"`flood` keeps {results['flood']} going and tries again 0.1 s after each refusal (ignoring `Retry-After`). "
+        f"`flood` keeps {results['flood']} going and tries again {results['flood_pause_s']} s after each refusal "
+        f"(`Retry-After` says 1 s). "
         f"Each phase lasts {results['duration_s']:.0f} s; alone and flooded phases alternate.",
         "",
         "| pair | key | alone: req/s, p50 s | beside the flooder: req/s, p50 s | throughput ratio | "
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=24, help="limits.max_in_flight of the Ingress")
     parser.add_argument("--polite", type=int, default=4, help="requests each polite key keeps going")
     parser.add_argument("--flood", type=int, default=48, help="requests the flooder keeps going")
+    parser.add_argument("--flood-pause", type=float, default=0.1, help="seconds the flooder waits after a refusal")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = parser.parse_args(argv)
     results = measure(args)

@@ -3,6 +3,7 @@ kept in a real store (SQLite, and a PostgreSQL server the test session starts). 
 
 import asyncio
 import calendar
+import json
 
 import psycopg
 import pytest
@@ -327,3 +328,29 @@ def test_keys_config_defaults_to_the_embedded_store():
     assert config.file is None and config.store.kind == "sqlite" and config.sync_interval_s == 1.0
     assert KeysConfig.model_validate({"store": {"kind": "postgres"}}).store.dsn_env == "TOKEN_KILLER_SPEND_DSN"
     assert LimitsConfig().max_in_flight == 1000
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def test_the_cli_makes_keys_it_never_stores_and_imports_the_environments_under_their_ids(tmp_path, monkeypatch, capsys):
+    from actors.keys_cli import main
+
+    config = tmp_path / "service.yaml"
+    keys = tmp_path / "keys.yaml"
+    config.write_text(f"keys: {{file: {keys}, store: {{kind: sqlite, path: {tmp_path / 'spend.sqlite3'}}}}}\n")
+    main(["--config", str(config), "new", "alice", "--tokens-per-day", "5000", "--profiles", "token-killer"])
+    plain = capsys.readouterr().out.strip()
+    assert plain.startswith("tk-") and plain not in keys.read_text()
+    monkeypatch.setenv("TOKEN_KILLER_API_KEYS", "old-key-1, old-key-2")
+    main(["--config", str(config), "import-env"])
+    ring = KeyRing.load(keys, [])
+    alice = ring.authenticate(f"Bearer {plain}")
+    assert alice.limits.tokens_per_day == 5000 and alice.profiles == ("token-killer",)
+    assert ring.authenticate("Bearer old-key-2").id == env_key_id("old-key-2")  # the id it had
+    with pytest.raises(SystemExit, match="already has a key 'alice'"):
+        main(["--config", str(config), "new", "alice"])
+    capsys.readouterr()
+    main(["--config", str(config), "spend", "--json"])
+    report = {entry["id"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert report["alice"]["day"]["tokens"] == 0 and report["alice"]["limits"] == {"tokens_per_day": 5000}
