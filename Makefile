@@ -32,11 +32,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The load, token and quality benchmarks, each writing its section of BENCHMARKS.md.
+# The load, token, quality and keys benchmarks, each writing its section of BENCHMARKS.md.
 bench: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.run --profile --embedded
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.tokens
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.quality
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m bench.keys
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
