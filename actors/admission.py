@@ -2,12 +2,12 @@
 
 A request is refused at once with an OpenAI-shaped error rather than parked in a queue it would
 time out in: 429 when its key is over a limit (`rate_limit_exceeded`; `insufficient_quota` for a
-spent budget, with `Retry-After` at the period's end), 503 when the replica is full. The one wait
-is for fairness: when every slot of a replica (`limits.max_in_flight`) is taken and a key below
-its share asks, it waits (at most `keys.admission_wait_s`) for the next slot that frees, which
-goes to the waiting key with the fewest requests in flight; a key already holding its share while
-others wait is refused (429). So one key cannot take every slot, and a single key (or an open
-service) sees exactly the old behaviour: 503 when full.
+spent budget, with `Retry-After` at the period's end), 503 when the replica is full. The slots of
+a replica (`limits.max_in_flight`) are shared between the keys that use them (`FairSlots`): while
+other keys are active, a key holding its share is refused (429); a key below its share that finds
+the replica full waits (at most `keys.admission_wait_s`) for the next slot that frees. So one key
+cannot take every slot, and a single key (or an open service) sees exactly the old behaviour:
+503 when full.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import time
 from collections import defaultdict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,36 +49,52 @@ def rate_limited(message: str, retry_after_s: float) -> APIError:
 
 
 class FairSlots:
-    """The requests one replica runs at once, per key; a full replica's next free slot goes to
-    the waiting key with the fewest in flight (first come within a key)."""
+    """The requests one replica runs at once, per key.
 
-    def __init__(self, limit: int, retry_after_s: float, wait_s: float) -> None:
+    A key alone may take every slot. While other keys are active (running, waiting, or done less
+    than `ACTIVE_FOR_S` ago), a key holds at most its share: the slots divided by the active keys.
+    A key below its share that finds the replica full waits for the next slot that frees, which
+    goes to the waiting key with the fewest in flight (first come within a key)."""
+
+    # A key between two requests still counts as active for this long, so that the moment one of
+    # its requests ends, another key does not take the slot its next request needs.
+    ACTIVE_FOR_S = 1.0
+
+    def __init__(self, limit: int, retry_after_s: float, wait_s: float, clock=time.monotonic) -> None:
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.wait_s = wait_s
+        self.clock = clock
         self.current = 0
         self.in_flight: dict[str, int] = defaultdict(int)
         self._waiting: dict[str, deque[asyncio.Future]] = {}
+        self._last_ended: dict[str, float] = {}
 
     def share(self, key_id: str) -> int:
-        """Slots per key among the keys in flight or waiting (this one counted)."""
+        """Slots per key among the active keys (this one counted)."""
         return math.ceil(self.limit / len(self._active() | {key_id}))
 
     def _active(self) -> set[str]:
-        return set(self._waiting) | set(self.in_flight)  # in_flight holds no zero
+        since = self.clock() - self.ACTIVE_FOR_S
+        for key_id in [k for k, ended in self._last_ended.items() if ended < since]:
+            del self._last_ended[key_id]
+        return set(self._waiting) | set(self.in_flight) | set(self._last_ended)  # in_flight holds no zero
 
     async def enter(self, key_id: str) -> Slot:
+        others = self._active() - {key_id}
+        if others:
+            held = self.in_flight.get(key_id, 0) + len(self._waiting.get(key_id, ()))
+            share = self.share(key_id)
+            if held >= share:
+                raise rate_limited(
+                    f"This API key holds its share of the service ({held} of {self.limit} requests at once, "
+                    f"shared by {len(others) + 1} keys); retry shortly.",
+                    self.retry_after_s,
+                )
         if self.current < self.limit:  # no one waits while a slot is free
             return self._take(key_id)
-        if not self._active() - {key_id}:  # no other key in flight or waiting: the service is full
+        if not others:  # the only key: the service is full
             raise overloaded(self.retry_after_s)
-        held = self.in_flight.get(key_id, 0) + len(self._waiting.get(key_id, ()))
-        if held >= self.share(key_id):
-            raise rate_limited(
-                f"This API key holds its share of the service ({held} of {self.limit} requests at once) "
-                "while other keys wait; retry shortly.",
-                self.retry_after_s,
-            )
         granted: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key_id, deque()).append(granted)
         try:
@@ -110,6 +127,7 @@ class FairSlots:
         self.in_flight[key_id] -= 1
         if not self.in_flight[key_id]:
             del self.in_flight[key_id]
+            self._last_ended[key_id] = self.clock()
         while self._waiting and self.current < self.limit:
             fewest = min(self._waiting, key=lambda k: self.in_flight.get(k, 0))
             queue = self._waiting[fewest]

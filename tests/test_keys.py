@@ -122,8 +122,9 @@ async def test_a_single_key_at_capacity_gets_503_at_once():
 
 
 async def test_a_key_that_holds_every_slot_is_refused_while_another_waits_for_the_next():
-    slots = FairSlots(limit=4, retry_after_s=1, wait_s=5)
-    flood = [await slots.enter("flood") for _ in range(4)]
+    clock = Clock(0.0)
+    slots = FairSlots(limit=4, retry_after_s=1, wait_s=5, clock=clock)
+    flood = [await slots.enter("flood") for _ in range(4)]  # alone, a key may take every slot
     waiting = asyncio.ensure_future(slots.enter("polite"))
     await asyncio.sleep(0)
     assert not waiting.done()
@@ -131,10 +132,32 @@ async def test_a_key_that_holds_every_slot_is_refused_while_another_waits_for_th
         await slots.enter("flood")
     assert refused.value.status == 429 and refused.value.code == "rate_limit_exceeded"
     flood[0].release()
-    slot = await asyncio.wait_for(waiting, 1)  # the freed slot went to the waiting key
-    assert slot.key_id == "polite" and slots.in_flight == {"flood": 3, "polite": 1}
-    flood[1].release()  # nobody waits: the slot is free for anyone, the flooder included
-    assert (await slots.enter("flood")).key_id == "flood"
+    polite = await asyncio.wait_for(waiting, 1)  # the freed slot went to the waiting key
+    assert polite.key_id == "polite" and slots.in_flight == {"flood": 3, "polite": 1}
+    flood[1].release()  # a slot is free, but the flooder is over its share while polite is active
+    with pytest.raises(APIError):
+        await slots.enter("flood")
+    assert (await slots.enter("polite")).key_id == "polite"  # below its share: a free slot is its
+    flood[2].release()
+    flood[3].release()
+    assert (await slots.enter("flood")).key_id == "flood"  # below its share (2) again
+    await slots.enter("flood")
+    with pytest.raises(APIError):  # at its share while polite runs
+        await slots.enter("flood")
+
+
+async def test_a_key_whose_requests_ended_stays_active_briefly_then_its_share_is_free():
+    clock = Clock(0.0)
+    slots = FairSlots(limit=4, retry_after_s=1, wait_s=5, clock=clock)
+    polite = await slots.enter("polite")
+    flood = [await slots.enter("flood") for _ in range(2)]  # its share beside polite: 2
+    polite.release()  # between two of polite's requests
+    clock.now += FairSlots.ACTIVE_FOR_S / 2
+    with pytest.raises(APIError):
+        await slots.enter("flood")
+    clock.now += FairSlots.ACTIVE_FOR_S  # polite has gone quiet: the flooder is alone
+    flood += [await slots.enter("flood") for _ in range(2)]
+    assert slots.in_flight == {"flood": 4}
 
 
 async def test_a_freed_slot_goes_to_the_waiting_key_with_the_fewest_in_flight():
