@@ -125,6 +125,7 @@ async def run(
         "concurrency": concurrency,
         "stream": stream,
         "wall_s": round(time.perf_counter() - t0, 4),
+        "client_cpu_s": round(time.process_time(), 3),  # this load generator's own CPU
         "records": sorted(records, key=lambda r: r["start"]),
     }
 
