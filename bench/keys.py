@@ -34,7 +34,7 @@ from actors.admission import FairSlots, Gate
 from actors.keys import Key, KeyRing, hash_key
 from actors.spend import SpendLedger
 from actors.spend_store import sqlite_store
-from bench.report import percentile, replace_section
+from bench.report import percentile, publish
 from bench.service import MODEL, ROOT, SCENARIO, WORK, app_config, start_serve, start_upstream, write_yaml
 from tests.support import free_port, shipped_serve_config
 
@@ -217,15 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     args = parser.parse_args(argv)
     results = measure(args)
-    out = ROOT / "bench" / "results" / "keys.json"  # raw results, not committed
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    if args.no_write:
-        print(text)
-    else:
-        replace_section(ROOT / "BENCHMARKS.md", SECTION, text)
-        print(f"[keys] wrote {out.relative_to(ROOT)} and the Keys section of BENCHMARKS.md")
+    publish("keys", results, SECTION, markdown(results), write=not args.no_write)
 
 
 if __name__ == "__main__":

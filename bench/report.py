@@ -728,6 +728,19 @@ def write(results: dict, out: Path, markdown_path: Path) -> Path:
     return path
 
 
+def publish(name: str, results: dict, heading: str, text: str, *, write: bool) -> None:
+    """Raw results to bench/results/NAME.json (not committed); the section to BENCHMARKS.md, or
+    printed when not `write`."""
+    out = ROOT / "bench" / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    if not write:
+        print(text)
+        return
+    replace_section(ROOT / "BENCHMARKS.md", heading, text)
+    print(f"[{name}] wrote {out.relative_to(ROOT)} and its section of BENCHMARKS.md")
+
+
 def replace_section(path: Path, heading: str, text: str) -> None:
     """BENCHMARKS.md holds one section per benchmark: replace this one (or append it)."""
     current = path.read_text() if path.exists() else "# Benchmarks\n"
