@@ -113,6 +113,18 @@ def test_the_key_id_never_the_key_is_in_the_reply_the_stream_and_request_complet
     assert not any(KEYS["alice"][0] in line for line in logged)
 
 
+def test_the_responses_api_goes_through_the_same_keys(sqlite_keyed, sim):
+    client, _ = sqlite_keyed
+    response = client("alice").responses.create(model=MODEL, input="What is six times seven?")
+    assert response.model_extra["token_killer"]["key_id"] == "alice"
+    with pytest.raises(openai.PermissionDeniedError):
+        client("narrow").responses.create(model="token-killer-deep", input="What is six times seven?")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=str(client("alice").base_url), api_key="tk-wrong", max_retries=0).responses.create(
+            model=MODEL, input="Hi"
+        )
+
+
 def test_a_flooding_key_gets_429_and_the_others_are_all_served(sqlite_keyed, sim):
     """Three keys on 6 slots: the flooder keeps 24 requests coming (each refusal retried after
     0.1 s), then two polite keys send 2 at once each, 3 times."""
